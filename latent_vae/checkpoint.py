@@ -1,0 +1,163 @@
+"""Atomic, verifiable training checkpoints.
+
+Layout: ``<run>/checkpoints/checkpoint-<step:08d>/`` holding safetensors weights, the
+optimiser/scheduler/scaler state (``torch.save`` of tensors and numbers only, read back with
+``weights_only=True``), one RNG file per process, the config, and ``manifest.json`` written
+last. Everything is first written into a hidden temporary folder and renamed into place
+only when complete, so a process killed at any moment leaves either the previous
+checkpoints or a new complete one, never a half-written one that ``--resume`` would pick.
+Old checkpoints are pruned only after the new one is in place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+_NAME = re.compile(r"^checkpoint-(\d{8})$")
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def checkpoint_name(step: int) -> str:
+    return f"checkpoint-{step:08d}"
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_tensors(tensors: Dict[str, torch.Tensor], path: Path) -> None:
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
+
+
+def load_tensors(path: Path) -> Dict[str, torch.Tensor]:
+    return load_file(str(path))
+
+
+def staging_dir(root: Path, step: int) -> Path:
+    return root / f".tmp-{checkpoint_name(step)}"
+
+
+def write_rank_file(root: Path, step: int, rank: int, payload: Dict[str, Any]) -> None:
+    """Per-process state (RNG) into the staging folder; every rank calls this before ``commit``."""
+    torch.save(payload, staging_dir(root, step) / f"rng-rank{rank}.pt")
+
+
+def commit(root: Path, step: int, weights: Dict[str, Dict[str, torch.Tensor]], states: Dict[str, Any],
+           metadata: Dict[str, Any], num_ranks: int) -> Path:
+    """Write the main-process files, the manifest, then atomically rename into place.
+
+    ``weights``: name -> tensor dict, each saved as ``<name>.safetensors``.
+    ``states``: optimiser/scheduler/scaler state dicts, saved together as ``training_state.pt``.
+    """
+    stage = staging_dir(root, step)
+    for name, tensors in weights.items():
+        save_tensors(tensors, stage / f"{name}.safetensors")
+    torch.save(states, stage / "training_state.pt")
+    (stage / "trainer_state.json").write_text(json.dumps(metadata, indent=2, sort_keys=True))
+    expected_rank_files = {f"rng-rank{r}.pt" for r in range(num_ranks)}
+    missing = expected_rank_files - {p.name for p in stage.iterdir()}
+    if missing:
+        raise CheckpointError(f"checkpoint {stage} is missing per-process files {sorted(missing)}")
+    files = {p.name: p.stat().st_size for p in sorted(stage.iterdir())}
+    for name in files:
+        _fsync(stage / name)
+    manifest = {"format": FORMAT_VERSION, "step": step, "complete": True, "files": files,
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    (stage / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    _fsync(stage / MANIFEST)
+    final = root / checkpoint_name(step)
+    if final.exists():  # re-saving a step (e.g. after a resume): move the old one aside first
+        old = root / f".old-{checkpoint_name(step)}-{time.time_ns()}"
+        os.replace(final, old)
+        os.replace(stage, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(stage, final)
+    _fsync(root)
+    return final
+
+
+def prepare_staging(root: Path, step: int) -> Path:
+    """Main process: a fresh, empty staging folder (leftovers of a killed write are removed)."""
+    root.mkdir(parents=True, exist_ok=True)
+    for leftover in root.glob(".tmp-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    stage = staging_dir(root, step)
+    stage.mkdir()
+    return stage
+
+
+def is_complete(path: Path) -> bool:
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    if not manifest.get("complete"):
+        return False
+    for name, size in manifest.get("files", {}).items():
+        file = path / name
+        if not file.is_file() or file.stat().st_size != size:
+            return False
+    return True
+
+
+def list_checkpoints(root: Path) -> List[Path]:
+    """Complete checkpoints under ``root``, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if _NAME.match(p.name) and p.is_dir() and is_complete(p)]
+    return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
+
+
+def find_checkpoint(run_dir: Path, resume: str) -> Optional[Path]:
+    """``latest`` / ``auto`` (newest complete checkpoint of the run) or an explicit path."""
+    if resume in ("latest", "auto"):
+        found = list_checkpoints(run_dir / "checkpoints")
+        if found:
+            return found[-1]
+        if resume == "auto":
+            return None
+        raise CheckpointError(
+            f"--resume latest: no complete checkpoint in {run_dir / 'checkpoints'} "
+            "(use --resume auto to start fresh when there is none)"
+        )
+    path = Path(resume)
+    if not is_complete(path):
+        raise CheckpointError(f"{resume} is not a complete checkpoint folder (no valid {MANIFEST})")
+    return path
+
+
+def prune(root: Path, keep: int) -> None:
+    for old in list_checkpoints(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load_training_state(path: Path) -> Dict[str, Any]:
+    return torch.load(path / "training_state.pt", map_location="cpu", weights_only=True)
+
+
+def load_rank_file(path: Path, rank: int) -> Optional[Dict[str, Any]]:
+    file = path / f"rng-rank{rank}.pt"
+    return torch.load(file, map_location="cpu", weights_only=True) if file.is_file() else None
+
+
+def load_metadata(path: Path) -> Dict[str, Any]:
+    return json.loads((path / "trainer_state.json").read_text())

@@ -1,0 +1,342 @@
+"""Run configuration: typed dataclasses loaded from YAML, with dotted ``key=value`` overrides.
+
+The dataclass defaults are the no-argument quickstart (``tiny-kl`` on the embedded sample
+photos, CPU-sized). Recipes in ``configs/`` override them; every field is documented in
+README.md ("Configuration reference").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A bad configuration; the message names the offending key and how to fix it."""
+
+
+def _check_choice(section: str, name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ConfigError(
+            f"{section}.{name}={value!r} is not valid; use one of: {', '.join(map(str, choices))}"
+        )
+
+
+def _check_positive(section: str, name: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{section}.{name}={value!r} must be {bound}")
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "tiny-kl"
+    pretrained: Optional[str] = None
+    subfolder: Optional[str] = None
+    config: Dict[str, Any] = field(default_factory=dict)
+    trainable: str = "all"
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        _check_choice("model", "trainable", self.trainable, ("all", "decoder"))
+        if not self.pretrained:
+            from .models import check_preset  # lazy: models imports this module
+
+            check_preset(self.preset)
+
+
+@dataclass
+class DataConfig:
+    path: Optional[str] = None
+    image_column: str = "image"
+    split: str = "train"
+    resolution: int = 64
+    resize: Optional[int] = 128
+    crop: str = "random"
+    hflip: bool = True
+    val_path: Optional[str] = None
+    val_split: Optional[str] = None
+    val_images: int = 16
+    val_crops: int = 4
+    num_workers: int = 2
+    pin_memory: bool = True
+    prefetch_factor: int = 4
+    verify: bool = True
+
+    def __post_init__(self) -> None:
+        _check_choice("data", "crop", self.crop, ("random", "center"))
+        _check_positive("data", "resolution", self.resolution)
+        _check_positive("data", "val_images", self.val_images, allow_zero=True)
+        _check_positive("data", "val_crops", self.val_crops)
+        _check_positive("data", "num_workers", self.num_workers, allow_zero=True)
+        if self.resolution % 8:
+            raise ConfigError(f"data.resolution={self.resolution} must be a multiple of 8")
+
+
+@dataclass
+class LossConfig:
+    pixel_loss: str = "l1"
+    pixel_weight: float = 1.0
+    perceptual_weight: float = 1.0
+    perceptual_net: str = "vgg"
+    perceptual_weights: Optional[str] = None
+    perceptual_if_unavailable: str = "error"
+    reduction: str = "sum"
+    learn_logvar: bool = False
+    logvar_init: float = 0.0
+    kl_weight: float = 1.0e-6
+    kl_schedule: str = "constant"
+    kl_warmup_steps: int = 0
+    kl_cycle_steps: int = 10000
+    kl_cycle_ratio: float = 0.5
+    free_bits: float = 0.0
+    codebook_weight: float = 1.0
+    commitment_beta: float = 0.25
+    legacy_beta: bool = False
+    disc_weight: float = 0.5
+    disc_start: int = 400
+    disc_loss: str = "hinge"
+    disc_layers: int = 3
+    disc_channels: int = 64
+    disc_norm: str = "group"
+    adaptive_weight: bool = True
+    adaptive_weight_max: float = 1.0e4
+    lecam_weight: float = 0.0
+    lecam_decay: float = 0.99
+
+    def __post_init__(self) -> None:
+        _check_choice("loss", "pixel_loss", self.pixel_loss, ("l1", "l2"))
+        _check_choice("loss", "perceptual_net", self.perceptual_net, ("vgg", "alex"))
+        _check_choice(
+            "loss", "perceptual_if_unavailable", self.perceptual_if_unavailable, ("error", "disable")
+        )
+        _check_choice("loss", "reduction", self.reduction, ("sum", "mean"))
+        _check_choice("loss", "kl_schedule", self.kl_schedule, ("constant", "linear", "cyclical"))
+        _check_positive("loss", "kl_cycle_steps", self.kl_cycle_steps)
+        if not 0.0 < self.kl_cycle_ratio <= 1.0:
+            raise ConfigError(f"loss.kl_cycle_ratio={self.kl_cycle_ratio} must be in (0, 1]")
+        if self.kl_schedule == "linear" and self.kl_warmup_steps <= 0:
+            raise ConfigError("loss.kl_schedule=linear needs loss.kl_warmup_steps > 0")
+        _check_choice("loss", "disc_loss", self.disc_loss, ("hinge", "vanilla"))
+        _check_choice("loss", "disc_norm", self.disc_norm, ("group", "sync_batch", "none"))
+        for name in ("pixel_weight", "perceptual_weight", "kl_weight", "codebook_weight",
+                     "commitment_beta", "disc_weight", "lecam_weight", "disc_start", "free_bits",
+                     "kl_warmup_steps"):
+            _check_positive("loss", name, getattr(self, name), allow_zero=True)
+        _check_positive("loss", "disc_layers", self.disc_layers)
+
+
+@dataclass
+class QuantizerConfig:
+    """Codebook maintenance for VQ presets (ignored by KL models)."""
+
+    ema_decay: Optional[float] = None
+    ema_epsilon: float = 1.0e-5
+    dead_after: int = 1000
+    restart_dead: bool = False
+    restart_buffer: int = 4096
+    l2_normalize: bool = False
+
+    def __post_init__(self) -> None:
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ConfigError(f"quantizer.ema_decay={self.ema_decay} must be in (0, 1) or null")
+        _check_positive("quantizer", "dead_after", self.dead_after)
+        _check_positive("quantizer", "restart_buffer", self.restart_buffer)
+        _check_positive("quantizer", "ema_epsilon", self.ema_epsilon)
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 600
+    batch_size: int = 8
+    grad_accum_steps: int = 1
+    learning_rate: float = 1.0e-4
+    lr_scaling: str = "linear"
+    disc_lr_ratio: float = 1.0
+    adam_betas: List[float] = field(default_factory=lambda: [0.5, 0.9])
+    weight_decay: float = 0.0
+    lr_warmup_steps: int = 0
+    lr_schedule: str = "constant"
+    max_grad_norm: Optional[float] = None
+    mixed_precision: str = "no"
+    seed: int = 0
+    ema_decay: Optional[float] = 0.999
+    export_ema: bool = True
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 2
+    val_every: int = 200
+    max_bad_steps: int = 25
+    time_limit_minutes: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        _check_choice("train", "lr_scaling", self.lr_scaling, ("linear", "none"))
+        _check_choice("train", "lr_schedule", self.lr_schedule, ("constant", "cosine", "linear"))
+        _check_choice("train", "mixed_precision", self.mixed_precision, ("no", "fp16", "bf16"))
+        for name in ("max_steps", "batch_size", "grad_accum_steps", "learning_rate",
+                     "checkpoint_every", "keep_checkpoints", "val_every", "max_bad_steps"):
+            _check_positive("train", name, getattr(self, name))
+        if len(self.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in self.adam_betas):
+            raise ConfigError(f"train.adam_betas={self.adam_betas} must be two numbers in [0, 1)")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ConfigError(f"train.ema_decay={self.ema_decay} must be in (0, 1) or null")
+        if self.max_grad_norm is not None:
+            _check_positive("train", "max_grad_norm", self.max_grad_norm)
+
+
+@dataclass
+class LoggingConfig:
+    trackers: List[str] = field(default_factory=lambda: ["tensorboard"])
+    project: str = "latent_vae"
+    log_every: int = 10
+    image_every: int = 200
+
+    def __post_init__(self) -> None:
+        for tracker in self.trackers:
+            _check_choice("logging", "trackers", tracker, ("tensorboard", "wandb"))
+        _check_positive("logging", "log_every", self.log_every)
+        _check_positive("logging", "image_every", self.image_every)
+
+
+@dataclass
+class ExportConfig:
+    scaling_factor: Optional[float] = None
+    scaling_images: int = 64
+
+    def __post_init__(self) -> None:
+        if self.scaling_factor is not None:
+            _check_positive("export", "scaling_factor", self.scaling_factor)
+        _check_positive("export", "scaling_images", self.scaling_images, allow_zero=True)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def _valid_keys(cls: type, prefix: str = "") -> Dict[str, bool]:
+    """Dotted key -> whether it is a free-form mapping (whose sub-keys are not checked)."""
+    keys: Dict[str, bool] = {}
+    for name, typ in typing.get_type_hints(cls).items():
+        if dataclasses.is_dataclass(typ):
+            keys.update(_valid_keys(typ, f"{prefix}{name}."))
+        else:
+            keys[f"{prefix}{name}"] = typing.get_origin(typ) is dict
+    return keys
+
+
+VALID_KEYS = _valid_keys(Config)
+
+
+def _flatten(tree: Any, prefix: str = "") -> List[str]:
+    if not isinstance(tree, dict):
+        return [prefix]
+    if not tree and prefix:
+        return [prefix]
+    out: List[str] = []
+    for key, value in tree.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if dotted in VALID_KEYS and VALID_KEYS[dotted]:
+            out.append(dotted)
+        else:
+            out.extend(_flatten(value, dotted))
+    return out
+
+
+def _check_keys(tree: dict, source: str) -> None:
+    for dotted in _flatten(tree):
+        if dotted in VALID_KEYS:
+            continue
+        if any(dotted.startswith(k + ".") and free for k, free in VALID_KEYS.items()):
+            continue
+        close = difflib.get_close_matches(dotted, VALID_KEYS.keys(), n=1, cutoff=0.5)
+        if not close:
+            leaf = dotted.rsplit(".", 1)[-1]
+            close = [k for k in VALID_KEYS if k.endswith("." + leaf)][:1]
+        hint = f"; did you mean '{close[0]}'?" if close else "; see README.md 'Configuration reference'"
+        raise ConfigError(f"unknown config key '{dotted}' in {source}{hint}")
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    """A recipe path, or a bare recipe name (``kl-f8``) looked up in the repository's configs/."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    for candidate in (CONFIG_DIR / name_or_path, CONFIG_DIR / f"{name_or_path}.yaml"):
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"config file not found: {name_or_path} (give a YAML path or a recipe name from configs/)")
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[List[str]] = None) -> Config:
+    """Defaults <- YAML file <- dotted ``key=value`` overrides, validated and typed."""
+    layers = [OmegaConf.structured(Config)]
+    if path is not None:
+        file = resolve_config_path(str(path))
+        with open(file, encoding="utf-8") as handle:
+            tree = yaml.safe_load(handle) or {}
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{file} must hold a mapping of sections (model:, data:, train: ...)")
+        _check_keys(tree, str(file))
+        layers.append(OmegaConf.create(tree))
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like section.key=value (e.g. train.batch_size=8)")
+        key, value = item.split("=", 1)
+        parsed = yaml.safe_load(value) if value.strip() else None
+        _check_keys(_nest(key.strip(), parsed), "command-line overrides")
+        layers.append(OmegaConf.create(_nest(key.strip(), parsed)))
+    try:
+        merged = OmegaConf.merge(*layers)
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "?"
+        reason = str(getattr(err, "msg", err)).splitlines()[0]
+        expected = _expected_type(key)
+        raise ConfigError(
+            f"invalid value for '{key}': {reason}"
+            + (f"; expected {expected}, e.g. {key}=<{expected}>" if expected else "")
+        ) from None
+
+
+def _nest(dotted: str, value: Any) -> dict:
+    tree: Any = value
+    for part in reversed(dotted.split(".")):
+        tree = {part: tree}
+    return tree
+
+
+def _expected_type(dotted: str) -> Optional[str]:
+    typ: Any = Config
+    for part in dotted.split("."):
+        if not dataclasses.is_dataclass(typ):
+            return None
+        typ = typing.get_type_hints(typ).get(part)
+    if typ is None:
+        return None
+    return getattr(typ, "__name__", None) if isinstance(typ, type) else str(typ).replace("typing.", "")
+
+
+def config_to_dict(config: Config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        yaml.safe_dump(config_to_dict(config), handle, sort_keys=False)

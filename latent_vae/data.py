@@ -1,0 +1,423 @@
+"""Image sources (folders, Hugging Face datasets, embedded sample photos), preprocessing,
+and the deterministic, resumable training sampler.
+
+Every random choice of the data pipeline (which image, which crop, flip or not, the
+posterior noise) is a function of ``(train.seed, position in the sample stream)``. A
+resumed run therefore sees exactly the batches the uninterrupted run would have seen,
+and N processes with batch B see the same samples as one process with batch N·B.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .config import DataConfig
+from .images import ImageReadError, check_header, load_image
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp")
+
+# Real photographs shipped inside the scikit-image wheel: the no-argument quickstart and the
+# test suite train on these (greyscale ones are converted to RGB like any other input).
+SAMPLE_TRAIN_PHOTOS = ("astronaut.png", "hubble_deep_field.jpg", "ihc.png", "motorcycle_left.png",
+                       "retina.jpg", "rocket.jpg", "camera.png", "coins.png", "moon.png",
+                       "brick.png", "grass.png", "gravel.png")
+SAMPLE_VAL_PHOTOS = ("chelsea.png", "coffee.png")
+
+
+class DataError(ValueError):
+    """A dataset that cannot be used at all (empty, missing column...), with the fix."""
+
+
+@dataclass
+class Failure:
+    """An input that could not be used, by stable id and reason."""
+
+    key: str
+    reason: str
+
+
+# --------------------------------------------------------------------------- sources
+
+
+class ImageSource:
+    """Indexable images with stable string ids and pass-through columns."""
+
+    name: str = ""
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def key(self, index: int) -> str:
+        raise NotImplementedError
+
+    def read(self, index: int) -> Image.Image:
+        """The image as 8-bit RGB, or ImageReadError."""
+        raise NotImplementedError
+
+    def columns(self, index: int) -> Dict[str, Any]:
+        """Other fields of the row (captions, labels...), passed through unchanged."""
+        return {}
+
+    def subset(self, indices: Sequence[int]) -> "ImageSource":
+        return SubsetSource(self, list(indices))
+
+
+class FolderSource(ImageSource):
+    def __init__(self, root: Path, files: List[Path], name: Optional[str] = None):
+        self.root, self.files = Path(root), list(files)
+        self.name = name or str(root)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def key(self, index: int) -> str:
+        try:
+            return self.files[index].relative_to(self.root).as_posix()
+        except ValueError:
+            return self.files[index].as_posix()
+
+    def read(self, index: int) -> Image.Image:
+        return load_image(self.files[index])
+
+    def columns(self, index: int) -> Dict[str, Any]:
+        return {"path": str(self.files[index])}
+
+    def verify(self, workers: int = 8) -> Tuple["FolderSource", List[Failure]]:
+        """Drop files whose header is unreadable (empty, not an image, bomb), reporting each."""
+
+        def check(path: Path) -> Optional[str]:
+            try:
+                check_header(path)
+                return None
+            except ImageReadError as err:
+                return str(err)
+
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            reasons = list(pool.map(check, self.files))
+        good = [f for f, r in zip(self.files, reasons) if r is None]
+        failures = [Failure(self.key(i), r) for i, r in enumerate(reasons) if r is not None]
+        return FolderSource(self.root, good, self.name), failures
+
+
+class DatasetSource(ImageSource):
+    """A Hugging Face ``datasets.Dataset``; images are decoded here so a bad row is skipped, not fatal."""
+
+    def __init__(self, dataset, image_column: str, name: str):
+        import datasets
+
+        if image_column not in dataset.column_names:
+            raise DataError(
+                f"{name} has no column '{image_column}' (columns: {', '.join(dataset.column_names)}); "
+                "set data.image_column (CLI: --image-column)"
+            )
+        if isinstance(dataset.features[image_column], datasets.Image):
+            dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
+        self.dataset, self.image_column, self.name = dataset, image_column, name
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def key(self, index: int) -> str:
+        return str(index)
+
+    def read(self, index: int) -> Image.Image:
+        return load_image(self.dataset[index][self.image_column])
+
+    def columns(self, index: int) -> Dict[str, Any]:
+        row = self.dataset[index]
+        return {k: v for k, v in row.items() if k != self.image_column}
+
+
+class SubsetSource(ImageSource):
+    def __init__(self, parent: ImageSource, indices: List[int]):
+        self.parent, self.indices, self.name = parent, indices, parent.name
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def key(self, index: int) -> str:
+        return self.parent.key(self.indices[index])
+
+    def read(self, index: int) -> Image.Image:
+        return self.parent.read(self.indices[index])
+
+    def columns(self, index: int) -> Dict[str, Any]:
+        return self.parent.columns(self.indices[index])
+
+
+def list_image_files(root: str | Path) -> Tuple[List[Path], List[Failure]]:
+    """Image files under ``root``, recursively and sorted; symlinked folders are followed
+    once (loops are cut), unreadable folders are reported rather than skipped silently."""
+    root = Path(root)
+    problems: List[Failure] = []
+    seen_dirs = set()
+    files: List[Path] = []
+
+    def on_error(err: OSError) -> None:
+        problems.append(Failure(str(err.filename), f"folder not readable: {err.strerror}"))
+
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=on_error):
+        stat = os.stat(dirpath)
+        if (stat.st_dev, stat.st_ino) in seen_dirs:
+            problems.append(Failure(dirpath, "symlink loop: folder already visited"))
+            dirnames[:] = []
+            continue
+        seen_dirs.add((stat.st_dev, stat.st_ino))
+        dirnames.sort()
+        for name in sorted(filenames):
+            if name.lower().endswith(IMAGE_EXTENSIONS):
+                files.append(Path(dirpath) / name)
+    return files, problems
+
+
+def sample_photos_dir() -> Path:
+    import skimage
+
+    return Path(skimage.__file__).parent / "data"
+
+
+def sample_photo_sources() -> Tuple[FolderSource, FolderSource]:
+    """(train, validation) sources over the photographs bundled with scikit-image."""
+    root = sample_photos_dir()
+    train = FolderSource(root, [root / n for n in SAMPLE_TRAIN_PHOTOS], "scikit-image sample photos")
+    val = FolderSource(root, [root / n for n in SAMPLE_VAL_PHOTOS], "scikit-image sample photos")
+    return train, val
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    return any((path / n).is_file() for n in ("dataset_info.json", "state.json", "dataset_dict.json"))
+
+
+def open_source(
+    path: Optional[str], image_column: str = "image", split: str = "train", verify: bool = True
+) -> Tuple[ImageSource, List[Failure]]:
+    """An image folder, a ``save_to_disk`` dataset, a local data folder or hub dataset name.
+
+    Returns the source and the inputs already known to be unusable (listed, not dropped silently).
+    Raises DataError when nothing usable remains.
+    """
+    failures: List[Failure] = []
+    if path is None:
+        return sample_photo_sources()[0], failures
+    local = Path(path).expanduser()
+    if local.is_file():
+        raise DataError(f"data path {path} is a file; give an image folder or a dataset (folder or name)")
+    if local.is_dir() and _is_saved_dataset(local):
+        import datasets
+
+        loaded = datasets.load_from_disk(str(local))
+        if isinstance(loaded, datasets.DatasetDict):
+            if split not in loaded:
+                raise DataError(f"{path} has splits {list(loaded)}, not '{split}'; set data.split")
+            loaded = loaded[split]
+        source: ImageSource = DatasetSource(loaded, image_column, str(local))
+    elif local.is_dir():
+        files, failures = list_image_files(local)
+        if not files:
+            raise DataError(
+                f"no images found in {path} (searched recursively for {', '.join(IMAGE_EXTENSIONS)})"
+                + (f"; {len(failures)} folders could not be read" if failures else "")
+            )
+        source = FolderSource(local, files)
+        if verify:
+            source, bad = source.verify()
+            failures += bad
+    else:
+        source = _load_hub_dataset(path, image_column, split)
+    if len(source) == 0:
+        raise DataError(f"no readable images in {path} ({len(failures)} unusable inputs listed in the run log)")
+    return source, failures
+
+
+def _load_hub_dataset(name: str, image_column: str, split: str) -> "DatasetSource":
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(name, split=split)
+    except Exception as err:  # network, missing repo, unknown split ...
+        raise DataError(
+            f"'{name}' is not a folder and could not be loaded as a Hugging Face dataset "
+            f"({type(err).__name__}: {err})"
+        ) from None
+    return DatasetSource(dataset, image_column, name)
+
+
+def split_train_val(cfg: DataConfig) -> Tuple[ImageSource, Optional[ImageSource], List[Failure]]:
+    """Training and validation sources from the data config, with the unusable inputs found."""
+    if cfg.path is None:
+        train, val = sample_photo_sources()
+        return train, (val if cfg.val_images > 0 else None), []
+    source, failures = open_source(cfg.path, cfg.image_column, cfg.split, cfg.verify)
+    if cfg.val_path or cfg.val_split:
+        val, val_failures = open_source(cfg.val_path or cfg.path, cfg.image_column, cfg.val_split or cfg.split, cfg.verify)
+        return source, val, failures + val_failures
+    if cfg.val_images == 0:
+        return source, None, failures
+    if len(source) <= cfg.val_images:
+        raise DataError(
+            f"{cfg.path} has {len(source)} usable images; holding out data.val_images={cfg.val_images} "
+            "for validation leaves none to train on. Lower data.val_images or set data.val_path."
+        )
+    # A fixed permutation (independent of train.seed) so the validation set never moves.
+    order = np.random.default_rng(0).permutation(len(source))
+    val_idx, train_idx = sorted(order[: cfg.val_images].tolist()), sorted(order[cfg.val_images:].tolist())
+    return source.subset(train_idx), source.subset(val_idx), failures
+
+
+# --------------------------------------------------------------------------- preprocessing
+
+
+def resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
+    width, height = image.size
+    scale = size / min(width, height)
+    if scale == 1.0:
+        return image
+    new_size = (max(size, round(width * scale)), max(size, round(height * scale)))
+    return image.resize(new_size, Image.BICUBIC, reducing_gap=3.0 if scale < 1 else None)
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """HWC uint8 -> CHW float in [-1, 1]."""
+    array = np.asarray(image, dtype=np.uint8)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div(127.5).sub(1.0)
+
+
+def crop_image(image: Image.Image, resolution: int, resize: Optional[int], crop: str, hflip: bool,
+               rng: random.Random) -> Image.Image:
+    """Resize the shorter side to ``resize`` (default: ``resolution``; 0 keeps the size, upscaling
+    only images smaller than the crop), then a random or centre square crop, then a random flip."""
+    target = resolution if resize is None else resize
+    shorter = min(image.size)
+    if target > 0:
+        image = resize_shorter_side(image, max(target, resolution))
+    elif shorter < resolution:
+        image = resize_shorter_side(image, resolution)
+    width, height = image.size
+    if crop == "random":
+        left, top = rng.randint(0, width - resolution), rng.randint(0, height - resolution)
+    else:
+        left, top = (width - resolution) // 2, (height - resolution) // 2
+    image = image.crop((left, top, left + resolution, top + resolution))
+    if hflip and rng.random() < 0.5:
+        image = image.transpose(Image.FLIP_LEFT_RIGHT)
+    return image
+
+
+# --------------------------------------------------------------------------- datasets
+
+
+class TrainDataset(torch.utils.data.Dataset):
+    """Training crops keyed by ``(index, seed)``; the seed drives crop, flip and posterior noise.
+
+    An input that fails to decode is replaced by the next one in the source (deterministically)
+    and reported in the sample's ``failures`` so the trainer can count and log it.
+    """
+
+    def __init__(self, source: ImageSource, cfg: DataConfig):
+        self.source, self.cfg = source, cfg
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, key: Tuple[int, int]) -> Dict[str, Any]:
+        index, seed = key
+        failures = []
+        for offset in range(len(self.source)):
+            position = (index + offset) % len(self.source)
+            try:
+                image = self.source.read(position)
+                break
+            except ImageReadError as err:
+                failures.append(Failure(self.source.key(position), str(err)))
+        else:
+            raise DataError(f"none of the {len(self.source)} images in {self.source.name} can be decoded")
+        rng = random.Random(seed)
+        image = crop_image(image, self.cfg.resolution, self.cfg.resize, self.cfg.crop, self.cfg.hflip, rng)
+        return {"pixel_values": to_tensor(image), "seed": seed, "failures": failures}
+
+
+class ValidationDataset(torch.utils.data.Dataset):
+    """Fixed validation crops: the centre crop, or ``crops`` seeded random crops per image."""
+
+    def __init__(self, source: ImageSource, cfg: DataConfig, crops: int = 1):
+        self.source, self.cfg, self.crops = source, cfg, crops
+
+    def __len__(self) -> int:
+        return len(self.source) * self.crops
+
+    def __getitem__(self, index: int) -> Dict[str, Any]:
+        image_index, crop_index = divmod(index, self.crops)
+        try:
+            image = self.source.read(image_index)
+        except ImageReadError as err:
+            return {"pixel_values": None, "failures": [Failure(self.source.key(image_index), str(err))]}
+        mode = "center" if self.crops == 1 else "random"
+        image = crop_image(image, self.cfg.resolution, self.cfg.resize, mode, False, random.Random(index))
+        return {"pixel_values": to_tensor(image), "failures": []}
+
+
+def collate(samples: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """Stack the images; keep per-sample seeds and the failures met while loading them."""
+    kept = [s for s in samples if s["pixel_values"] is not None]
+    batch: Dict[str, Any] = {
+        "pixel_values": torch.stack([s["pixel_values"] for s in kept]) if kept else None,
+        "failures": [f for s in samples for f in s["failures"]],
+    }
+    if kept and "seed" in kept[0]:
+        batch["seeds"] = torch.tensor([s["seed"] for s in kept], dtype=torch.int64)
+    return batch
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def derive_seed(*entropy: int) -> int:
+    """A 63-bit seed that is a pure function of the given non-negative integers."""
+    return int(np.random.SeedSequence(list(entropy)).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+_SAMPLE, _EPOCH = 0, 1  # seed namespaces
+
+
+class TrainBatchSampler(torch.utils.data.Sampler):
+    """Infinite stream of batches of ``(index, seed)`` keys for one process.
+
+    The sample stream is the concatenation of per-epoch permutations seeded by
+    ``(seed, epoch)``. Micro-batch ``k`` of process ``r`` out of ``P`` holds stream positions
+    ``[(k·P + r)·B, (k·P + r + 1)·B)``; ``start_batch`` resumes mid-stream without replay.
+    """
+
+    def __init__(self, num_items: int, batch_size: int, seed: int, rank: int = 0,
+                 num_processes: int = 1, start_batch: int = 0):
+        self.num_items, self.batch_size, self.seed = num_items, batch_size, seed
+        self.rank, self.num_processes, self.start_batch = rank, num_processes, start_batch
+        self._epoch, self._perm = -1, None
+
+    def _key(self, position: int) -> Tuple[int, int]:
+        epoch, offset = divmod(position, self.num_items)
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(derive_seed(self.seed, _EPOCH, epoch))
+            self._perm, self._epoch = torch.randperm(self.num_items, generator=generator).tolist(), epoch
+        return self._perm[offset], derive_seed(self.seed, _SAMPLE, position)
+
+    def __iter__(self) -> Iterator[List[Tuple[int, int]]]:
+        batch_index = self.start_batch
+        while True:
+            first = (batch_index * self.num_processes + self.rank) * self.batch_size
+            yield [self._key(first + j) for j in range(self.batch_size)]
+            batch_index += 1
+
+    def __len__(self) -> int:  # infinite; DataLoader only needs this for len(), which we never call
+        return 2**62

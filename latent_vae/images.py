@@ -1,0 +1,107 @@
+"""Decoding one image safely into 8-bit RGB, whatever its file format or mode.
+
+Used by training, encoding and evaluation alike, so every entry point treats a strange
+file the same way: either it is converted correctly or an ``ImageReadError`` names the
+file and the reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import warnings
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+from PIL import Image, ImageOps
+
+# Alpha is composited over this background (what a viewer shows for a transparent PNG).
+ALPHA_BACKGROUND = (255, 255, 255)
+
+
+class ImageReadError(Exception):
+    """An input that cannot be turned into an RGB image; ``str()`` is the reason."""
+
+
+ImageInput = Union[str, Path, bytes, dict, Image.Image]
+
+
+def _open(source: ImageInput) -> Image.Image:
+    if isinstance(source, Image.Image):
+        return source
+    if isinstance(source, dict):  # datasets' Image(decode=False) cell: {"bytes": ..., "path": ...}
+        if source.get("bytes") is not None:
+            return Image.open(io.BytesIO(source["bytes"]))
+        if source.get("path"):
+            return Image.open(source["path"])
+        raise ImageReadError("empty image cell (no bytes and no path)")
+    if isinstance(source, bytes):
+        return Image.open(io.BytesIO(source))
+    return Image.open(source)
+
+
+def _high_bit_depth_to_8bit(image: Image.Image) -> Image.Image:
+    """16/32-bit integer and float greyscale modes, rescaled (not clipped) to 8 bits."""
+    array = np.asarray(image)
+    if image.mode.startswith("I;16") or (image.mode == "I" and array.max(initial=0) > 255):
+        array = array.astype(np.float64) / 257.0
+    elif image.mode == "F" and array.max(initial=0) <= 1.0:
+        array = array.astype(np.float64) * 255.0
+    return Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8), mode="L")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB: EXIF orientation applied, alpha composited over white, high bit depth rescaled."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        image = _high_bit_depth_to_8bit(image)
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, ALPHA_BACKGROUND + (255,))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("RGB") if image.mode != "RGB" else image
+
+
+@contextlib.contextmanager
+def _read_errors():
+    """Turn whatever PIL raises for a bad file into ImageReadError; bombs are refused early."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            yield
+    except ImageReadError:
+        raise
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
+        raise ImageReadError(f"refused: too many pixels (decompression bomb guard): {err}") from None
+    except Image.UnidentifiedImageError:
+        raise ImageReadError("not a recognised image file") from None
+    except (OSError, SyntaxError, ValueError, TypeError, EOFError, MemoryError) as err:
+        raise ImageReadError(f"{type(err).__name__}: {err}") from None
+
+
+def _check_size(image: Image.Image) -> None:
+    if image.width < 1 or image.height < 1:
+        raise ImageReadError(f"empty image ({image.width}x{image.height})")
+
+
+def load_image(source: ImageInput) -> Image.Image:
+    """Decode ``source`` (path, bytes, datasets cell or PIL image) to 8-bit RGB.
+
+    Refuses decompression bombs (more pixels than ``PIL.Image.MAX_IMAGE_PIXELS``) before
+    decoding them, and truncated or non-image files, with ``ImageReadError``.
+    """
+    with _read_errors():
+        image = _open(source)
+        _check_size(image)
+        image.load()
+        return to_rgb(image)
+
+
+def check_header(source: ImageInput) -> None:
+    """Cheap validity check without decoding pixels: format, size and the bomb limit."""
+    with _read_errors():
+        with _open(source) as image:
+            _check_size(image)

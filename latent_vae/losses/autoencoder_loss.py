@@ -1,0 +1,122 @@
+"""The autoencoder objective shared by KL and VQ models.
+
+Generator (autoencoder) loss, per pixel then reduced (``loss.reduction``):
+
+    rec  = w_pix · |x − x̂|  (or squared)  +  w_p · LPIPS(x, x̂)    # LPIPS per image, broadcast to every pixel
+    nll  = rec / exp(s) + s                                      # s: log-variance, 0 unless learned
+    L_G  = reduce(nll) + regulariser + λ · [step ≥ disc_start] · g(D(x̂))
+    λ    = disc_weight · clamp(‖∇_W reduce(nll)‖ / (‖∇_W g‖ + 1e-4), 0, max),  W = decoder.conv_out.weight
+
+Discriminator loss on *detached* reconstructions: hinge or vanilla, plus optional LeCam.
+The reductions and λ are computed in fp32 whatever the autocast dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import LossConfig
+from ..distributed import all_reduce_mean_
+from .discriminator import discriminator_loss, generator_loss, lecam_regularizer
+from .regularizers import reduce_elements
+
+
+def adaptive_gan_weight(
+    nll_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor, max_weight: float
+) -> torch.Tensor:
+    """‖∇_W L_rec‖ / (‖∇_W L_G‖ + 1e-4), clamped to [0, max], detached, in fp32.
+
+    Under DDP the two gradients are averaged over processes first, so λ is the one the
+    global batch would give, and identical on every rank.
+    """
+    nll_grad = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0].float()
+    g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0].float()
+    grads = all_reduce_mean_(torch.stack([nll_grad, g_grad]))
+    weight = grads[0].norm() / (grads[1].norm() + 1e-4)
+    return torch.clamp(weight, 0.0, max_weight).detach()
+
+
+class AutoencoderLoss(nn.Module):
+    def __init__(self, cfg: LossConfig, perceptual: Optional[nn.Module] = None):
+        super().__init__()
+        self.cfg = cfg
+        self.perceptual = perceptual if cfg.perceptual_weight > 0 else None
+        # LeCam anchors: moving averages of the discriminator's mean logits.
+        self.register_buffer("lecam_ema_real", torch.zeros(()))
+        self.register_buffer("lecam_ema_fake", torch.zeros(()))
+
+    def gan_active(self, step: int) -> bool:
+        return self.cfg.disc_weight > 0 and step >= self.cfg.disc_start
+
+    def reconstruction_terms(self, inputs: torch.Tensor, reconstructions: torch.Tensor) -> Tuple[torch.Tensor, Dict]:
+        """Per-pixel reconstruction term rec (B, C, H, W) in fp32, before the log-variance."""
+        x, x_hat = inputs.float(), reconstructions.float()
+        pixel = (x - x_hat).abs() if self.cfg.pixel_loss == "l1" else (x - x_hat).pow(2)
+        rec = self.cfg.pixel_weight * pixel
+        logs = {"pixel": pixel.detach().mean()}
+        if self.perceptual is not None:
+            p = self.perceptual(inputs, reconstructions).float()  # (B, 1, 1, 1)
+            rec = rec + self.cfg.perceptual_weight * p
+            logs["lpips"] = p.detach().mean()
+        return rec, logs
+
+    def generator_loss(
+        self,
+        inputs: torch.Tensor,
+        reconstructions: torch.Tensor,
+        regularizer_loss: torch.Tensor,
+        logvar: torch.Tensor,
+        step: int,
+        discriminator: Optional[nn.Module],
+        last_layer: Optional[torch.Tensor],
+    ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        rec, logs = self.reconstruction_terms(inputs, reconstructions)
+        logvar = logvar.float()
+        nll = rec / torch.exp(logvar) + logvar
+        nll_loss = reduce_elements(nll, self.cfg.reduction)
+        total = nll_loss + regularizer_loss.float()
+        logs.update(nll=nll_loss.detach(), regularizer=regularizer_loss.detach().float(), logvar=logvar.detach())
+        if discriminator is not None and self.gan_active(step):
+            logits_fake = discriminator(reconstructions).float()
+            g_loss = generator_loss(self.cfg.disc_loss, logits_fake)
+            if self.cfg.adaptive_weight and last_layer is not None:
+                weight = adaptive_gan_weight(nll_loss, g_loss, last_layer, self.cfg.adaptive_weight_max)
+            else:
+                weight = torch.ones((), device=g_loss.device)
+            weight = weight * self.cfg.disc_weight
+            total = total + weight * g_loss
+            logs.update(g_loss=g_loss.detach(), gan_weight=weight)
+        logs["total"] = total.detach()
+        return total, logs
+
+    def discriminator_loss(
+        self, discriminator: nn.Module, inputs: torch.Tensor, reconstructions: torch.Tensor, concat: bool = True
+    ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """D loss on real images and *detached* reconstructions.
+
+        ``concat`` runs real and fake through one forward pass (exact for per-sample norms;
+        the trainer turns it off for batch-statistics norms).
+        """
+        fake = reconstructions.detach()
+        if concat:
+            logits = discriminator(torch.cat([inputs.detach(), fake])).float()
+            logits_real, logits_fake = logits.chunk(2)
+        else:
+            logits_real = discriminator(inputs.detach()).float()
+            logits_fake = discriminator(fake).float()
+        loss = discriminator_loss(self.cfg.disc_loss, logits_real, logits_fake)
+        logs = {"d_loss": loss.detach(), "logits_real": logits_real.detach().mean(),
+                "logits_fake": logits_fake.detach().mean()}
+        if self.cfg.lecam_weight > 0:
+            means = all_reduce_mean_(torch.stack([logits_real.detach().mean(), logits_fake.detach().mean()]))
+            decay = self.cfg.lecam_decay
+            self.lecam_ema_real.mul_(decay).add_((1 - decay) * means[0])
+            self.lecam_ema_fake.mul_(decay).add_((1 - decay) * means[1])
+            lecam = lecam_regularizer(logits_real, logits_fake, self.lecam_ema_real, self.lecam_ema_fake)
+            loss = loss + self.cfg.lecam_weight * lecam
+            logs["lecam"] = lecam.detach()
+        return loss, logs

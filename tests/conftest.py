@@ -1,0 +1,93 @@
+"""Shared fixtures: tiny fast configs, generated image folders, a local LPIPS weights file.
+
+Nothing here touches the network or ../shared: images are generated or come from the
+photographs bundled with scikit-image.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+from latent_vae.config import load_config  # noqa: E402
+
+# Fast settings for loop-mechanics tests: 32 px crops, no workers, no trackers, no LPIPS.
+FAST = [
+    "data.resolution=32", "data.resize=48", "data.num_workers=0", "data.val_images=0",
+    "train.batch_size=2", "train.max_steps=4", "train.checkpoint_every=1000", "train.val_every=1000",
+    "logging.trackers=[]", "logging.image_every=1000", "loss.perceptual_weight=0",
+    "export.scaling_images=4",
+]
+
+
+def fast_config(*overrides: str):
+    return load_config(None, [*FAST, *overrides])
+
+
+@pytest.fixture
+def make_config():
+    return fast_config
+
+
+@pytest.fixture(autouse=True)
+def _reset_accelerate_state():
+    """Accelerate keeps process-wide singletons; each test starts from a clean state."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+def write_photo_crops(folder: Path, count: int = 6, size: int = 64) -> list:
+    """Real photographs (scikit-image's bundled samples) cut into small PNG files."""
+    from latent_vae.data import sample_photo_sources
+
+    folder.mkdir(parents=True, exist_ok=True)
+    source, _ = sample_photo_sources()
+    paths = []
+    for i in range(count):
+        image = source.read(i % len(source)).resize((size + 16, size + 16))
+        path = folder / f"photo_{i:02d}.png"
+        image.save(path)
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture
+def photo_folder(tmp_path) -> Path:
+    folder = tmp_path / "photos"
+    write_photo_crops(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def lpips_weights(tmp_path_factory) -> Path:
+    """A local VGG16 weights file in torchvision's layout (random values: the download is
+    impossible offline). Exercises the real loading path a user takes with a downloaded file."""
+    import torchvision
+
+    torch.manual_seed(0)
+    features = torchvision.models.vgg16(weights=None).features
+    path = tmp_path_factory.mktemp("lpips") / "vgg16-features.pth"
+    torch.save({f"features.{k}": v for k, v in features.state_dict().items()}, path)
+    return path
+
+
+def run_python(code: str, *args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run a Python snippet in a fresh interpreter (nothing of this process leaks in)."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                          env=full_env, timeout=timeout)

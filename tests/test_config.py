@@ -1,0 +1,65 @@
+"""Configs are data: defaults, recipes, dotted overrides and clear errors."""
+
+from pathlib import Path
+
+import pytest
+
+from latent_vae.config import CONFIG_DIR, Config, ConfigError, config_to_dict, load_config
+
+RECIPES = sorted(CONFIG_DIR.glob("*.yaml"))
+
+
+def test_defaults_are_the_quickstart_recipe():
+    assert config_to_dict(load_config(CONFIG_DIR / "quickstart.yaml")) == config_to_dict(Config())
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
+def test_every_recipe_loads_and_documents_its_sources(recipe: Path):
+    config = load_config(recipe)
+    assert isinstance(config, Config)
+    assert recipe.read_text().lstrip().startswith("#"), "a recipe starts with a comment saying where its numbers come from"
+
+
+def test_recipe_by_name_and_dotted_overrides():
+    config = load_config("kl-f8", ["data.path=/images", "data.resolution=128", "train.batch_size=4",
+                                   "train.adam_betas=[0.9, 0.99]", "model.config.latent_channels=8"])
+    assert config.model.preset == "kl-f8"
+    assert (config.data.path, config.data.resolution, config.train.batch_size) == ("/images", 128, 4)
+    assert config.train.adam_betas == [0.9, 0.99]
+    assert config.model.config == {"latent_channels": 8}
+
+
+def test_unknown_key_suggests_the_nearest_valid_key():
+    with pytest.raises(ConfigError, match=r"unknown config key 'train.batchsize'.*did you mean 'train.batch_size'"):
+        load_config(None, ["train.batchsize=4"])
+    with pytest.raises(ConfigError, match=r"'loss.perceptual_wieght'.*'loss.perceptual_weight'"):
+        load_config(None, ["loss.perceptual_wieght=0"])
+
+
+def test_unknown_key_in_a_yaml_file_names_the_file(tmp_path):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("train:\n  max_step: 10\n")
+    with pytest.raises(ConfigError, match=r"'train.max_step' in .*bad.yaml.*'train.max_steps'"):
+        load_config(recipe)
+
+
+def test_wrong_type_names_key_and_expected_type():
+    with pytest.raises(ConfigError, match=r"invalid value for 'train.batch_size'.*expected int"):
+        load_config(None, ["train.batch_size=eight"])
+
+
+def test_invalid_choice_lists_the_valid_ones():
+    with pytest.raises(ConfigError, match=r"loss.disc_norm='batch'.*group, sync_batch, none"):
+        load_config(None, ["loss.disc_norm=batch"])
+
+
+def test_override_without_equals_sign_is_explained():
+    with pytest.raises(ConfigError, match=r"must look like section.key=value"):
+        load_config(None, ["train.batch_size"])
+
+
+def test_yaml_is_loaded_safely(tmp_path):
+    recipe = tmp_path / "evil.yaml"
+    recipe.write_text("train: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(Exception, match="could not determine a constructor|ConstructorError"):
+        load_config(recipe)

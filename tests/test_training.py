@@ -1,0 +1,196 @@
+"""Training behaviour a user relies on: it learns, it exports a stock model, it resumes exactly,
+bad inputs are skipped and counted, the perceptual loss never runs on a random backbone."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import fast_config, run_python
+from latent_vae.checkpoint import list_checkpoints, load_tensors, load_training_state
+from latent_vae.config import ModelConfig, load_config
+from latent_vae.data import ValidationDataset, sample_photo_sources
+from latent_vae.losses.perceptual import PerceptualWeightsUnavailable
+from latent_vae.models import build_autoencoder, reconstruct
+from latent_vae.training import train
+
+
+@pytest.fixture(scope="module")
+def quickstart_run(tmp_path_factory):
+    """The quickstart recipe, shortened to 250 steps (~1 min on 2 CPU cores), GAN on from step 150."""
+    out = tmp_path_factory.mktemp("quickstart")
+    config = load_config(None, ["train.max_steps=250", "loss.disc_start=150", "train.val_every=250",
+                                "train.checkpoint_every=1000", "loss.perceptual_weight=0", "logging.image_every=125"])
+    summary = train(config, out)
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True), GradientState._reset_state(), PartialState._reset_state()
+    return out, summary
+
+
+def test_validation_psnr_rises_on_real_photos(quickstart_run):
+    _, summary = quickstart_run
+    before, after = summary.initial_val_metrics["psnr"], summary.val_metrics["psnr"]
+    print(f"validation PSNR {before:.2f} dB -> {after:.2f} dB, SSIM "
+          f"{summary.initial_val_metrics['ssim']:.3f} -> {summary.val_metrics['ssim']:.3f}")
+    assert after > before + 3.0
+    assert summary.val_metrics["ssim"] > summary.initial_val_metrics["ssim"] + 0.1
+    assert summary.skipped_steps == 0 and summary.failed_inputs == 0
+
+
+STOCK_RECONSTRUCTION = """
+import sys, torch
+from diffusers import AutoencoderKL
+model = AutoencoderKL.from_pretrained(sys.argv[1]).eval()
+images = torch.load(sys.argv[2])
+with torch.no_grad():
+    out = model.decode(model.encode(images).latent_dist.mode()).sample
+torch.save(out, sys.argv[3])
+assert "latent_vae" not in sys.modules, "the stock load must not need latent_vae"
+print("scaling_factor", model.config.scaling_factor)
+"""
+
+
+def test_exported_model_loads_in_plain_diffusers_with_bit_identical_outputs(quickstart_run, tmp_path):
+    out, summary = quickstart_run
+    model_dir = out / "model"
+    assert summary.model_dir == model_dir and (model_dir / "diffusion_pytorch_model.safetensors").is_file()
+    _, val = sample_photo_sources()
+    images = torch.stack([ValidationDataset(val, load_config().data)[i]["pixel_values"] for i in range(2)])
+    torch.save(images, tmp_path / "images.pt")
+    result = run_python(STOCK_RECONSTRUCTION, str(model_dir), str(tmp_path / "images.pt"), str(tmp_path / "stock.pt"))
+    assert result.returncode == 0, result.stderr
+    stock = torch.load(tmp_path / "stock.pt")
+
+    # In process: the EMA weights of the final checkpoint in our preset-built model.
+    vae = build_autoencoder(ModelConfig(preset="tiny-kl")).eval()
+    ema = load_tensors(list_checkpoints(out / "checkpoints")[-1] / "ema.safetensors")
+    vae.load_state_dict({k[len("shadow."):]: v for k, v in ema.items() if k.startswith("shadow.")})
+    with torch.no_grad():
+        ours = reconstruct(vae, images)
+    assert torch.equal(stock, ours)
+    scaling = float(result.stdout.split("scaling_factor")[1])
+    assert scaling != 1.0 and 0.05 < scaling < 20  # 1/std of the trained latents, not the preset's placeholder
+
+
+def test_run_directory_logs_and_model_card(quickstart_run):
+    out, summary = quickstart_run
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((out / "logs").rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"train/nll", "train/kl", "train/lr", "train/g_loss", "train/d_loss", "train/gan_weight",
+            "train/logits_real", "train/ae_grad_norm", "val/psnr", "val/ssim"} <= scalars
+    assert "reconstructions" in events.Tags()["images"]
+    assert len(list((out / "samples").glob("reconstructions-*.png"))) >= 2
+    card = (out / "model" / "README.md").read_text()
+    assert "AutoencoderKL.from_pretrained" in card and "steps: 250" in card and "psnr" in card
+    assert load_config(out / "config.yaml").train.max_steps == 250
+    assert json.loads((out / "summary.json").read_text())["steps"] == 250
+    assert "perceptual loss: off" in (out / "train.log").read_text()
+
+
+def all_tensors(checkpoint: Path) -> dict:
+    tensors = {}
+    for file in sorted(checkpoint.glob("*.safetensors")):
+        tensors.update({f"{file.stem}/{k}": v for k, v in load_tensors(file).items()})
+    states = load_training_state(checkpoint)
+    for name in ("optimizer_ae", "optimizer_disc"):
+        for pid, slots in states[name]["state"].items():
+            tensors.update({f"{name}/{pid}/{k}": v for k, v in slots.items() if torch.is_tensor(v)})
+    return tensors
+
+
+def test_resume_ends_with_identical_weights(tmp_path):
+    """Stop after 3 steps (a finished run), resume it with a larger max_steps: bit-identical to 6 straight steps."""
+    common = ["loss.disc_start=2", "loss.lecam_weight=0.1", "train.ema_decay=0.9", "train.lr_warmup_steps=2",
+              "train.lr_schedule=cosine", "export.scaling_images=0"]
+    train(fast_config("train.max_steps=6", *common), tmp_path / "straight")
+    first = train(fast_config("train.max_steps=3", *common), tmp_path / "resumed")
+    assert first.steps == 3 and (tmp_path / "resumed" / "model").is_dir()
+    resumed = train(fast_config("train.max_steps=6", "data.num_workers=2", *common), tmp_path / "resumed",
+                    resume="latest")
+    assert resumed.steps == 6
+    a = all_tensors(list_checkpoints(tmp_path / "straight" / "checkpoints")[-1])
+    b = all_tensors(list_checkpoints(tmp_path / "resumed" / "checkpoints")[-1])
+    assert a.keys() == b.keys() and len(a) > 100
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, different[:5]
+
+
+def test_resume_refuses_an_incompatible_checkpoint(tmp_path):
+    from latent_vae.checkpoint import CheckpointError
+
+    train(fast_config("train.max_steps=1"), tmp_path)
+    with pytest.raises(CheckpointError, match="model.preset: checkpoint 'tiny-kl' vs now 'tiny-vq'"):
+        train(fast_config("train.max_steps=2", "model.preset=tiny-vq"), tmp_path, resume="latest")
+
+
+def test_unreadable_inputs_are_skipped_counted_and_listed(photo_folder, tmp_path):
+    (photo_folder / "zero.png").write_bytes(b"")
+    (photo_folder / "notes.jpg").write_text("not an image")
+    cut = photo_folder / "photo_01.png"
+    cut.write_bytes(cut.read_bytes()[: len(cut.read_bytes()) // 2])
+    summary = train(fast_config(f"data.path={photo_folder}", "train.max_steps=4", "train.batch_size=3"), tmp_path)
+    assert summary.steps == 4 and summary.failed_inputs == 3
+    listed = (tmp_path / "skipped_inputs.txt").read_text().splitlines()
+    assert sorted(line.split("\t")[0] for line in listed) == ["notes.jpg", "photo_01.png", "zero.png"]
+    assert all("\t" in line and line.split("\t")[1] for line in listed)
+
+
+def test_missing_lpips_weights_stop_the_run_before_the_first_step(tmp_path, monkeypatch):
+    import urllib.error
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(PerceptualWeightsUnavailable, match=r"loss.perceptual_weights=.*loss.perceptual_weight=0"):
+        train(fast_config("loss.perceptual_weight=1.0"), tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    summary = train(fast_config("loss.perceptual_weight=1.0", "loss.perceptual_if_unavailable=disable",
+                                "train.max_steps=1"), tmp_path / "run2")
+    assert summary.steps == 1
+    assert "perceptual loss: DISABLED" in (tmp_path / "run2" / "train.log").read_text()
+    assert load_config(tmp_path / "run2" / "config.yaml").loss.perceptual_weight == 0
+
+
+def test_lpips_from_a_local_weights_file(tmp_path, lpips_weights):
+    summary = train(fast_config("loss.perceptual_weight=1.0", f"loss.perceptual_weights={lpips_weights}",
+                                "train.max_steps=2", "logging.log_every=1", "logging.trackers=[tensorboard]"), tmp_path)
+    assert summary.steps == 2
+    log = (tmp_path / "train.log").read_text()
+    assert f"backbone weights from {lpips_weights}" in log
+
+
+class GradientSpy(torch.optim.Adam):
+    """Records the gradients each optimiser step receives."""
+
+    record: list = []
+
+    def step(self, closure=None):
+        GradientSpy.record.append([p.grad.clone() for g in self.param_groups for p in g["params"] if p.grad is not None])
+        return super().step(closure)
+
+
+def first_step_gradients(tmp_path, monkeypatch, *overrides):
+    GradientSpy.record = []
+    monkeypatch.setattr(torch.optim, "Adam", GradientSpy)
+    train(fast_config("train.max_steps=1", "loss.disc_start=0", *overrides), tmp_path)
+    ae, disc = GradientSpy.record
+    return ae, disc
+
+
+def test_no_gradient_leaks_between_the_two_optimisers(tmp_path, monkeypatch):
+    """The D gradient must not depend on the generator's GAN weight, nor the autoencoder's on
+    the D-only LeCam term; at step 0 both see the same reconstructions."""
+    ae_a, d_a = first_step_gradients(tmp_path / "a", monkeypatch, "loss.disc_weight=0.5")
+    ae_b, d_b = first_step_gradients(tmp_path / "b", monkeypatch, "loss.disc_weight=5.0")
+    assert all(torch.equal(x, y) for x, y in zip(d_a, d_b))
+    assert not all(torch.equal(x, y) for x, y in zip(ae_a, ae_b))  # the knob does act on G
+    ae_c, d_c = first_step_gradients(tmp_path / "c", monkeypatch, "loss.disc_weight=0.5", "loss.lecam_weight=1.0")
+    assert all(torch.equal(x, y) for x, y in zip(ae_a, ae_c))
+    assert not all(torch.equal(x, y) for x, y in zip(d_a, d_c))
