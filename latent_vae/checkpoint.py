@@ -95,11 +95,16 @@ def commit(root: Path, step: int, weights: Dict[str, Dict[str, torch.Tensor]], s
     return final
 
 
-def prepare_staging(root: Path, step: int) -> Path:
-    """Main process: a fresh, empty staging folder (leftovers of a killed write are removed)."""
-    root.mkdir(parents=True, exist_ok=True)
+def discard_staging(root: Path) -> None:
+    """Remove half-written checkpoints (a killed or failed write); complete ones are untouched."""
     for leftover in root.glob(".tmp-*"):
         shutil.rmtree(leftover, ignore_errors=True)
+
+
+def prepare_staging(root: Path, step: int) -> Path:
+    """Main process: a fresh, empty staging folder."""
+    root.mkdir(parents=True, exist_ok=True)
+    discard_staging(root)
     stage = staging_dir(root, step)
     stage.mkdir()
     return stage

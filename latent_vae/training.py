@@ -12,6 +12,7 @@ import contextlib
 import logging
 import math
 import os
+import pickle
 import signal
 import sys
 import time
@@ -33,6 +34,7 @@ from .distributed import all_reduce_sum_, world_size
 from .ema import EMA
 from .engine import TrainableAutoencoder, build_regularizer
 from .export import compute_scaling_factor, save_diffusers_model, write_model_card
+from .losses.quantizer import normalize_codebook_
 from .losses.regularizers import ACTIVE_UNIT_THRESHOLD
 from .losses import AutoencoderLoss, PatchDiscriminator, PerceptualLoss, PerceptualWeightsUnavailable, build_lpips
 from .metrics import psnr_per_image, ssim_per_image
@@ -341,6 +343,13 @@ def train(config: Config, output_dir: str | Path, resume: Optional[str] = None) 
     save_checkpoint = _checkpoint_writer(output_dir / "checkpoints", accelerator, model_core, disc_core, loss_fn,
                                          ema, opt_ae, opt_d, sched_ae, sched_d, scaler, cfg_dict)
 
+    def inference_model(use_ema: bool = True):
+        """What validation, previews and export use: the EMA weights if kept, as a stock model."""
+        vae = ema.shadow if (ema is not None and use_ema) else model_core.vae
+        if is_vq(vae) and cfg.quantizer.l2_normalize:
+            normalize_codebook_(vae.quantize.embedding)  # averaged/updated unit codes, back on the sphere
+        return vae
+
     # ---------------------------------------------------------------- training loop
     initial_val_metrics: Dict[str, float] = {}
     if val_loader is not None and step == 0:
@@ -439,9 +448,9 @@ def train(config: Config, output_dir: str | Path, resume: Optional[str] = None) 
                 collapse_monitor.check(scalars, step)
                 progress.set_postfix({k: f"{scalars[k]:.4g}" for k in ("nll", "pixel", "lpips", "g_loss", "d_loss") if k in scalars})
             if preview is not None and (step % cfg.logging.image_every == 0 or step == cfg.train.max_steps):
-                _log_preview(preview, model_core, ema, accelerator, output_dir, step)
+                _log_preview(preview, inference_model(), accelerator, output_dir, step)
             if val_loader is not None and (step % cfg.train.val_every == 0 or step == cfg.train.max_steps):
-                val_metrics = _validate(ema.shadow if ema is not None else model_core.vae, val_loader, accelerator)
+                val_metrics = _validate(inference_model(), val_loader, accelerator)
                 accelerator.log({f"val/{k}": v for k, v in val_metrics.items()}, step=step)
                 logger.info("step %d validation: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in val_metrics.items()))
             if step % cfg.train.checkpoint_every == 0:
@@ -466,7 +475,7 @@ def train(config: Config, output_dir: str | Path, resume: Optional[str] = None) 
     # ---------------------------------------------------------------- export
     model_dir = None
     if not stopped_early:
-        model_dir = _export(cfg, cfg_dict, model_core, ema, train_dataset, accelerator, output_dir, step, val_metrics)
+        model_dir = _export(cfg, cfg_dict, inference_model(cfg.train.export_ema), train_dataset, accelerator, output_dir, step, val_metrics)
     accelerator.end_training()
     summary = RunSummary(output_dir, step, step * cfg.train.batch_size * accum * accelerator.num_processes,
                          skipped_steps, len(failure_log.seen), val_metrics, initial_val_metrics, stopped_early,
@@ -520,15 +529,19 @@ def _check_compatible(saved: Dict, cfg: Config, path: Path) -> None:
 def _checkpoint_writer(root: Path, accelerator: Accelerator, model_core, disc_core, loss_fn, ema,
                        opt_ae, opt_d, sched_ae, sched_d, scaler, cfg_dict: Dict):
     def save(step: int, skipped_steps: int) -> None:
+        # Every process reaches every barrier even when a write fails, then all agree to stop:
+        # a full disk on one rank must not leave the others waiting forever.
+        errors: List[str] = []
         if accelerator.is_main_process:
-            ckpt.prepare_staging(root, step)
+            _attempt(errors, ckpt.prepare_staging, root, step)
         accelerator.wait_for_everyone()
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state(accelerator.device)
-        ckpt.write_rank_file(root, step, accelerator.process_index, rng)
+        if not errors:
+            _attempt(errors, ckpt.write_rank_file, root, step, accelerator.process_index, rng)
         accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
+        if accelerator.is_main_process and not errors:
             weights = {
                 "autoencoder": model_core.state_dict(),
                 "discriminator": disc_core.state_dict(),
@@ -541,12 +554,30 @@ def _checkpoint_writer(root: Path, accelerator: Accelerator, model_core, disc_co
                       "scaler": scaler.state_dict()}
             metadata = {"step": step, "skipped_steps": skipped_steps, "config": cfg_dict,
                         "num_processes": accelerator.num_processes}
-            path = ckpt.commit(root, step, weights, states, metadata, accelerator.num_processes)
-            ckpt.prune(root, cfg_dict["train"]["keep_checkpoints"])
-            logger.info("checkpoint written: %s", path)
-        accelerator.wait_for_everyone()
+            path = _attempt(errors, ckpt.commit, root, step, weights, states, metadata, accelerator.num_processes)
+            if path is not None:
+                ckpt.prune(root, cfg_dict["train"]["keep_checkpoints"])
+                logger.info("checkpoint written: %s", path)
+        failed = all_reduce_sum_(torch.tensor(float(bool(errors)), device=accelerator.device)).item() > 0
+        if failed:
+            if accelerator.is_main_process:
+                ckpt.discard_staging(root)
+            previous = ckpt.list_checkpoints(root)
+            raise TrainingError(
+                f"writing the checkpoint of step {step} failed ({'; '.join(errors) or 'on another process'}); "
+                + (f"the previous checkpoint {previous[-1]} is intact: free space or fix the output "
+                   "directory, then continue with --resume latest" if previous else "no earlier checkpoint exists"))
 
     return save
+
+
+def _attempt(errors: List[str], function, *args):
+    """Call ``function``; an OSError (disk full, permissions...) is recorded instead of raised."""
+    try:
+        return function(*args)
+    except OSError as err:
+        errors.append(f"{type(err).__name__}: {err}")
+        return None
 
 
 def _restore(path: Path, accelerator: Accelerator, model_core, disc_core, loss_fn, ema,
@@ -573,6 +604,9 @@ def _restore(path: Path, accelerator: Accelerator, model_core, disc_core, loss_f
             for group, base, factor in zip(optimizer.param_groups, base_lrs, scheduler.lr_lambdas):
                 group["lr"] = base * factor(scheduler.last_epoch)
         scaler.load_state_dict(states["scaler"])
+    except pickle.UnpicklingError as err:
+        raise ckpt.CheckpointError(f"checkpoint {path} was refused: its training state holds pickled objects "
+                                   f"that could run code ({str(err).splitlines()[0]})") from None
     except (RuntimeError, ValueError, KeyError) as err:
         raise ckpt.CheckpointError(f"checkpoint {path} does not fit this run: {err}") from None
     rng = ckpt.load_rank_file(path, accelerator.process_index)
@@ -610,12 +644,11 @@ def _preview_batch(val_loader, train_dataset, device, count: int = 8) -> Optiona
 
 
 @torch.no_grad()
-def _log_preview(preview: torch.Tensor, model_core, ema, accelerator: Accelerator, output_dir: Path, step: int) -> None:
+def _log_preview(preview: torch.Tensor, vae, accelerator: Accelerator, output_dir: Path, step: int) -> None:
     if not accelerator.is_main_process:
         return
     from PIL import Image
 
-    vae = ema.shadow if ema is not None else model_core.vae
     with accelerator.autocast():
         recon = reconstruct(vae, preview)
     grid = image_grid(preview, recon)
@@ -649,12 +682,11 @@ def _validate(vae, loader, accelerator: Accelerator) -> Dict[str, float]:
     return {"psnr": sums[0].item() / count, "ssim": sums[1].item() / count}
 
 
-def _export(cfg: Config, cfg_dict: Dict, model_core, ema, train_dataset, accelerator: Accelerator,
+def _export(cfg: Config, cfg_dict: Dict, vae, train_dataset, accelerator: Accelerator,
             output_dir: Path, step: int, val_metrics: Dict[str, float]) -> Path:
     """``<output>/model``: the (EMA) weights as a stock diffusers folder, scaling factor from data."""
     model_dir = output_dir / "model"
     if accelerator.is_main_process:
-        vae = ema.shadow if (ema is not None and cfg.train.export_ema) else model_core.vae
         vae.eval()
         notes = []
         if cfg.export.scaling_factor is not None:
@@ -671,7 +703,7 @@ def _export(cfg: Config, cfg_dict: Dict, model_core, ema, train_dataset, acceler
             if factor is not None:
                 vae.register_to_config(scaling_factor=factor)
                 notes.append(f"scaling_factor = 1/std of latents over {count} training images")
-        notes.append("exported weights: " + ("EMA" if vae is not model_core.vae else "raw (no EMA)"))
+        notes.append("exported weights: " + ("EMA" if cfg.train.ema_decay and cfg.train.export_ema else "raw (no EMA)"))
         save_diffusers_model(vae, model_dir)
         write_model_card(model_dir, vae, cfg_dict, step, val_metrics, notes)
         logger.info("model exported to %s (load with diffusers %s.from_pretrained)", model_dir, type(vae).__name__)

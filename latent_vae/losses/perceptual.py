@@ -9,6 +9,7 @@ how to fix it; a random backbone is never used silently.
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -38,7 +39,13 @@ def _read_state_dict(path: str | Path) -> Dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise PerceptualWeightsUnavailable(
+            f"{path} was refused: it is not a plain weights file (it holds pickled objects, which could run "
+            f"code; {str(err).splitlines()[0]}). Use the torchvision .pth or a .safetensors file."
+        ) from None
 
 
 def _backbone_state(net: str, weights_path: Optional[str]) -> Dict[str, torch.Tensor]:
