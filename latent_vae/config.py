@@ -175,6 +175,10 @@ class TrainConfig:
     val_every: int = 200
     max_bad_steps: int = 25
     time_limit_minutes: Optional[float] = None
+    channels_last: bool = False
+    compile: bool = False
+    compile_backend: str = "inductor"
+    fused_optimizer: bool = False
 
     def __post_init__(self) -> None:
         _check_choice("train", "lr_scaling", self.lr_scaling, ("linear", "none"))

@@ -21,10 +21,16 @@ class EMA(nn.Module):
         self.decay = decay
         self.shadow = copy.deepcopy(model).eval().requires_grad_(False)
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+        self._count = None  # host copy of num_updates: reading the buffer each step would sync the GPU
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._count = None
 
     def current_decay(self) -> float:
-        n = int(self.num_updates)
-        return min(self.decay, (1 + n) / (10 + n))
+        if self._count is None:
+            self._count = int(self.num_updates)
+        return min(self.decay, (1 + self._count) / (10 + self._count))
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
@@ -35,3 +41,4 @@ class EMA(nn.Module):
         for shadow_buffer, buffer in zip(self.shadow.buffers(), model.buffers()):
             shadow_buffer.copy_(buffer)
         self.num_updates += 1
+        self._count += 1

@@ -26,11 +26,14 @@ def seeded_normal(seeds: List[int], shape, device, dtype) -> torch.Tensor:
 
     The noise of a sample depends only on its seed, not on the batch it lands in or the
     process computing it — what makes multi-process and resumed runs reproduce exactly.
+    Drawn on the device itself: no host-to-device copy (which would synchronise the step).
     """
-    noise = torch.stack([
-        torch.randn(shape, generator=torch.Generator().manual_seed(seed ^ _NOISE_SALT)) for seed in seeds
+    device = torch.device(device)
+    return torch.stack([
+        torch.randn(shape, device=device, dtype=dtype,
+                    generator=torch.Generator(device=device).manual_seed(seed ^ _NOISE_SALT))
+        for seed in seeds
     ])
-    return noise.to(device=device, dtype=dtype, non_blocking=True)
 
 
 @dataclass

@@ -58,6 +58,7 @@ class RunSummary:
     initial_val_metrics: Dict[str, float] = field(default_factory=dict)
     stopped_early: bool = False
     model_dir: Optional[Path] = None
+    step_seconds: List[float] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -290,6 +291,12 @@ def train(config: Config, output_dir: str | Path, resume: Optional[str] = None) 
         discriminator = nn.SyncBatchNorm.convert_sync_batchnorm(discriminator)
     loss_fn = AutoencoderLoss(cfg.loss, load_perceptual(cfg)).to(device)
     ema = EMA(vae, cfg.train.ema_decay).to(device) if cfg.train.ema_decay else None
+    if cfg.train.channels_last:
+        for module in (model, discriminator, loss_fn):
+            module.to(memory_format=torch.channels_last)
+    if cfg.train.compile:
+        perceptual = [loss_fn.perceptual.network] if loss_fn.perceptual is not None else []
+        compile_modules([vae.encoder, vae.decoder, discriminator, *perceptual], cfg.train.compile_backend)
     logger.info("model: %s %s, %s parameters (%s trainable); discriminator %s parameters",
                 cfg.model.pretrained or cfg.model.preset, type(vae).__name__, f"{count_parameters(vae):,}",
                 f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,}",
@@ -300,8 +307,10 @@ def train(config: Config, output_dir: str | Path, resume: Optional[str] = None) 
     betas = tuple(cfg.train.adam_betas)
     ae_params = [p for p in model.parameters() if p.requires_grad]
     d_params = list(discriminator.parameters())
-    opt_ae = torch.optim.Adam(ae_params, lr=lr, betas=betas, weight_decay=cfg.train.weight_decay)
-    opt_d = torch.optim.Adam(d_params, lr=lr * cfg.train.disc_lr_ratio, betas=betas, weight_decay=cfg.train.weight_decay)
+    fused = True if cfg.train.fused_optimizer else None  # None: torch's default (foreach where supported)
+    opt_ae = torch.optim.Adam(ae_params, lr=lr, betas=betas, weight_decay=cfg.train.weight_decay, fused=fused)
+    opt_d = torch.optim.Adam(d_params, lr=lr * cfg.train.disc_lr_ratio, betas=betas,
+                             weight_decay=cfg.train.weight_decay, fused=fused)
     sched_ae = torch.optim.lr_scheduler.LambdaLR(opt_ae, lr_lambda(cfg))
     sched_d = torch.optim.lr_scheduler.LambdaLR(opt_d, lr_lambda(cfg))
     # One scaler for both losses (fp16 only; a no-op otherwise): both are scaled by the same
@@ -327,6 +336,7 @@ def train(config: Config, output_dir: str | Path, resume: Optional[str] = None) 
         save_config(cfg, output_dir / "config.yaml")
 
     accum = cfg.train.grad_accum_steps
+    images_per_step = cfg.train.batch_size * accum * accelerator.num_processes
     sampler = TrainBatchSampler(len(train_dataset), cfg.train.batch_size, cfg.train.seed,
                                 accelerator.process_index, accelerator.num_processes, start_batch=step * accum)
     workers = cfg.data.num_workers
@@ -365,6 +375,8 @@ def train(config: Config, output_dir: str | Path, resume: Optional[str] = None) 
     data = iter(loader)
     progress = tqdm(total=cfg.train.max_steps, initial=step, disable=not is_main, desc="train", dynamic_ncols=True)
     start_time, start_step = time.time(), step
+    step_seconds: List[float] = []  # wall time per step: the flag agreement above synchronises the device
+    step_start = time.perf_counter()
     stopped_early = False
     try:
         while step < cfg.train.max_steps:
@@ -374,6 +386,8 @@ def train(config: Config, output_dir: str | Path, resume: Optional[str] = None) 
                 batch = next(data)
                 failure_log.add(batch["failures"])
                 images = batch["pixel_values"].to(device, non_blocking=True)
+                if cfg.train.channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
                 seeds = batch["seeds"].tolist()
                 with _no_sync(accelerator, [model, discriminator], sync=micro == accum - 1):
                     # Generator step. D is frozen, so L_G's gradient reaches the autoencoder only.
@@ -430,6 +444,8 @@ def train(config: Config, output_dir: str | Path, resume: Optional[str] = None) 
             opt_d.zero_grad(set_to_none=True)
             step += 1
             progress.update(1)
+            step_seconds.append(time.perf_counter() - step_start)
+            step_start = time.perf_counter()
 
             if consecutive_bad >= cfg.train.max_bad_steps:
                 # Skipped steps changed nothing, so these weights are those from before the first bad step.
@@ -440,7 +456,10 @@ def train(config: Config, output_dir: str | Path, resume: Optional[str] = None) 
                     "Lower the learning rate, enable train.max_grad_norm, or use bf16 instead of fp16.")
             if step % cfg.logging.log_every == 0 or step == cfg.train.max_steps:
                 values = window.reduce()
-                values.update(ae_grad_norm=ae_norm, lr=sched_ae.get_last_lr()[0], skipped_steps=skipped_steps)
+                recent = step_seconds[-cfg.logging.log_every:]
+                values.update(ae_grad_norm=ae_norm, lr=sched_ae.get_last_lr()[0], skipped_steps=skipped_steps,
+                              seconds_per_step=sum(recent) / len(recent),
+                              images_per_second=len(recent) * images_per_step / sum(recent))
                 if gan_active:
                     values["d_grad_norm"] = d_norm
                 scalars = _scalars(values)
@@ -477,15 +496,29 @@ def train(config: Config, output_dir: str | Path, resume: Optional[str] = None) 
     if not stopped_early:
         model_dir = _export(cfg, cfg_dict, inference_model(cfg.train.export_ema), train_dataset, accelerator, output_dir, step, val_metrics)
     accelerator.end_training()
-    summary = RunSummary(output_dir, step, step * cfg.train.batch_size * accum * accelerator.num_processes,
-                         skipped_steps, len(failure_log.seen), val_metrics, initial_val_metrics, stopped_early,
-                         model_dir)
+    summary = RunSummary(output_dir, step, step * images_per_step, skipped_steps, len(failure_log.seen), val_metrics,
+                         initial_val_metrics, stopped_early, model_dir, step_seconds)
     if is_main:
         _write_summary(summary, output_dir)
     return summary
 
 
 # --------------------------------------------------------------------------- pieces of the run
+
+
+def compile_modules(modules: List[nn.Module], backend: str) -> None:
+    """``torch.compile`` in place (state-dict keys unchanged); a module that cannot be compiled
+    falls back to eager execution with a warning instead of failing the run."""
+    import torch._dynamo
+
+    if not torch._dynamo.is_dynamo_supported():
+        logger.warning("train.compile: torch.compile is not supported here (Python %s); running eagerly",
+                       sys.version.split()[0])
+        return
+    torch._dynamo.config.suppress_errors = True
+    for module in modules:
+        module.compile(backend=backend)
+    logger.info("compiled %d modules with torch.compile(backend=%s)", len(modules), backend)
 
 
 def _no_sync(accelerator: Accelerator, models: List[nn.Module], sync: bool):

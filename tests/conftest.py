@@ -40,15 +40,20 @@ def make_config():
     return fast_config
 
 
-@pytest.fixture(autouse=True)
-def _reset_accelerate_state():
-    """Accelerate keeps process-wide singletons; each test starts from a clean state."""
-    yield
+def reset_accelerate() -> None:
+    """Accelerate keeps process-wide singletons (e.g. the mixed precision); forget them so the
+    next ``train()`` in this process may use different settings."""
     from accelerate.state import AcceleratorState, GradientState, PartialState
 
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     PartialState._reset_state()
+
+
+@pytest.fixture(autouse=True)
+def _reset_accelerate_state():
+    yield
+    reset_accelerate()
 
 
 def write_photo_crops(folder: Path, count: int = 6, size: int = 64) -> list:

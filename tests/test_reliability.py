@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import fast_config
+from conftest import fast_config, reset_accelerate
 from latent_vae import checkpoint as ckpt
 from latent_vae.data import TrainDataset, derive_seed
 from latent_vae.training import TrainingError, train
@@ -81,9 +81,7 @@ def start_child(tmp_path: Path, mode: str, pause_step: int, out: Path, *override
 def reference(tmp_path_factory):
     out = tmp_path_factory.mktemp("uninterrupted")
     train(fast_config(*COMMON), out)
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    AcceleratorState._reset_state(True), GradientState._reset_state(), PartialState._reset_state()
+    reset_accelerate()
     return all_tensors(ckpt.list_checkpoints(out / "checkpoints")[-1])
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import fast_config, run_python
+from conftest import fast_config, reset_accelerate, run_python
 from latent_vae.checkpoint import list_checkpoints, load_tensors, load_training_state
 from latent_vae.config import ModelConfig, load_config
 from latent_vae.data import ValidationDataset, sample_photo_sources
@@ -23,9 +23,7 @@ def quickstart_run(tmp_path_factory):
     config = load_config(None, ["train.max_steps=250", "loss.disc_start=150", "train.val_every=250",
                                 "train.checkpoint_every=1000", "loss.perceptual_weight=0", "logging.image_every=125"])
     summary = train(config, out)
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    AcceleratorState._reset_state(True), GradientState._reset_state(), PartialState._reset_state()
+    reset_accelerate()
     return out, summary
 
 

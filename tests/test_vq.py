@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import fast_config, run_python
+from conftest import fast_config, reset_accelerate, run_python
 from latent_vae.config import LossConfig, ModelConfig, QuantizerConfig, load_config
 from latent_vae.data import ValidationDataset, sample_photo_sources
 from latent_vae.losses.quantizer import VectorQuantizerTrainer, codebook_statistics, nearest_codes
@@ -114,9 +114,7 @@ def test_dead_code_restart_revives_a_collapsed_codebook(tmp_path):
         train(fast_config(f"model.pretrained={tmp_path / 'bad-init'}", "data.resolution=64", "data.resize=128",
                           "train.batch_size=8", "train.max_steps=60", "loss.reduction=mean",
                           f"quantizer.restart_dead={restart}", "quantizer.dead_after=10"), tmp_path / f"run-{restart}")
-        from accelerate.state import AcceleratorState, GradientState, PartialState
-
-        AcceleratorState._reset_state(True), GradientState._reset_state(), PartialState._reset_state()
+        reset_accelerate()
         model = load_autoencoder(str(tmp_path / f"run-{restart}" / "model")).eval()
         usage[restart] = encode_to_indices(model, photo_crops()).unique().numel() / 256
     print(f"codebook usage after 60 steps: without restart {usage[False]:.1%}, with restart {usage[True]:.1%}")
