@@ -195,3 +195,26 @@ def reconstruct(model: Autoencoder, images: torch.Tensor, sample: bool = False,
     posterior = model.encode(images).latent_dist
     latents = posterior.sample(generator=generator) if sample else posterior.mode()
     return model.decode(latents).sample
+
+
+def _latent_normalisation(model: Autoencoder, like: torch.Tensor):
+    """(offset, scale) with diffusion latents = (z − offset) · scale, as diffusers pipelines apply them."""
+    config = model.config
+    mean, std = config.get("latents_mean"), config.get("latents_std")
+    if mean is not None and std is not None:
+        mean = torch.tensor(mean, device=like.device, dtype=like.dtype).view(1, -1, 1, 1)
+        std = torch.tensor(std, device=like.device, dtype=like.dtype).view(1, -1, 1, 1)
+        return mean, config.scaling_factor / std
+    return config.get("shift_factor") or 0.0, config.scaling_factor
+
+
+def to_diffusion_latents(model: Autoencoder, latents: torch.Tensor) -> torch.Tensor:
+    """What the denoiser of a pipeline built on ``model`` sees for encoder latents ``latents``."""
+    offset, scale = _latent_normalisation(model, latents)
+    return (latents - offset) * scale
+
+
+def from_diffusion_latents(model: Autoencoder, scaled: torch.Tensor) -> torch.Tensor:
+    """The inverse: what the pipeline hands ``model.decode`` for denoiser output ``scaled``."""
+    offset, scale = _latent_normalisation(model, scaled)
+    return scaled / scale + offset

@@ -14,12 +14,16 @@ from diffusers import VQModel
 
 
 @torch.no_grad()
+def latents_to_indices(model: VQModel, latents: torch.Tensor) -> torch.Tensor:
+    """Pre-quantisation latents (``VQModel.encode(x).latents``, B, D, h, w) -> code indices (B, h, w)."""
+    batch, _, height, width = latents.shape
+    return model.quantize(latents)[2][2].reshape(batch, height, width)
+
+
+@torch.no_grad()
 def encode_to_indices(model: VQModel, images: torch.Tensor) -> torch.Tensor:
     """Images in [-1, 1], (B, 3, H, W) -> code indices, LongTensor (B, H/f, W/f)."""
-    latents = model.encode(images).latents
-    batch, _, height, width = latents.shape
-    indices = model.quantize(latents)[2][2]
-    return indices.reshape(batch, height, width)
+    return latents_to_indices(model, model.encode(images).latents)
 
 
 @torch.no_grad()

@@ -9,6 +9,7 @@ of a stock diffusers model folder.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
 import os
@@ -59,6 +60,7 @@ class RunSummary:
     stopped_early: bool = False
     model_dir: Optional[Path] = None
     step_seconds: List[float] = field(default_factory=list)
+    latent_drift: Optional[Dict[str, Any]] = None
 
 
 # --------------------------------------------------------------------------- helpers
@@ -285,6 +287,8 @@ def train(config: Config, output_dir: str | Path, resume: Optional[str] = None) 
         vae.post_quant_conv.requires_grad_(True)
     if cfg.model.gradient_checkpointing:
         vae.enable_gradient_checkpointing()
+    # Fine-tuning an existing VAE: keep its starting weights to report how far the latents moved.
+    initial_vae = copy.deepcopy(vae).eval().requires_grad_(False) if cfg.model.pretrained else None
     model = TrainableAutoencoder(vae, build_regularizer(vae, cfg), cfg.loss.logvar_init, cfg.loss.learn_logvar)
     discriminator = PatchDiscriminator(3, cfg.loss.disc_channels, cfg.loss.disc_layers, cfg.loss.disc_norm)
     if cfg.loss.disc_norm == "sync_batch" and accelerator.num_processes > 1:
@@ -491,13 +495,26 @@ def train(config: Config, output_dir: str | Path, resume: Optional[str] = None) 
                 step - start_step, elapsed, (step - start_step) / max(elapsed, 1e-9), skipped_steps,
                 len(failure_log.seen))
 
+    latent_drift_report = None
+    if initial_vae is not None and val_loader is not None and not stopped_early:
+        from .compare import latent_drift
+
+        latent_drift_report = latent_drift(initial_vae.to(device), inference_model(),
+                                           (b["pixel_values"] for b in val_loader if b["pixel_values"] is not None))
+        accelerator.log({"val/latent_drift": latent_drift_report["relative_l2"],
+                         "val/scaled_latent_drift": latent_drift_report["scaled_relative_l2"]}, step=step)
+        logger.info("latent drift against the starting model (%s): relative L2 %.3g, scaled %.3g%s",
+                    cfg.model.pretrained, latent_drift_report["relative_l2"], latent_drift_report["scaled_relative_l2"],
+                    " (encoder frozen)" if cfg.model.trainable == "decoder" else "")
+
     # ---------------------------------------------------------------- export
     model_dir = None
     if not stopped_early:
-        model_dir = _export(cfg, cfg_dict, inference_model(cfg.train.export_ema), train_dataset, accelerator, output_dir, step, val_metrics)
+        model_dir = _export(cfg, cfg_dict, inference_model(cfg.train.export_ema), train_dataset, accelerator,
+                            output_dir, step, val_metrics, latent_drift_report)
     accelerator.end_training()
     summary = RunSummary(output_dir, step, step * images_per_step, skipped_steps, len(failure_log.seen), val_metrics,
-                         initial_val_metrics, stopped_early, model_dir, step_seconds)
+                         initial_val_metrics, stopped_early, model_dir, step_seconds, latent_drift_report)
     if is_main:
         _write_summary(summary, output_dir)
     return summary
@@ -716,7 +733,7 @@ def _validate(vae, loader, accelerator: Accelerator) -> Dict[str, float]:
 
 
 def _export(cfg: Config, cfg_dict: Dict, vae, train_dataset, accelerator: Accelerator,
-            output_dir: Path, step: int, val_metrics: Dict[str, float]) -> Path:
+            output_dir: Path, step: int, val_metrics: Dict[str, float], drift: Optional[Dict] = None) -> Path:
     """``<output>/model``: the (EMA) weights as a stock diffusers folder, scaling factor from data."""
     model_dir = output_dir / "model"
     if accelerator.is_main_process:
@@ -725,6 +742,10 @@ def _export(cfg: Config, cfg_dict: Dict, vae, train_dataset, accelerator: Accele
         if cfg.export.scaling_factor is not None:
             vae.register_to_config(scaling_factor=float(cfg.export.scaling_factor))
             notes.append("scaling_factor set by export.scaling_factor")
+        elif cfg.model.pretrained:
+            # A fine-tune keeps the latent normalisation diffusion models were trained with;
+            # `latent-vae stats --write-to` recomputes it deliberately if the encoder moved.
+            notes.append(f"scaling_factor kept from {cfg.model.pretrained}")
         elif cfg.export.scaling_images > 0:
             dataset = ValidationDataset(train_dataset.source, cfg.data)
             count = min(cfg.export.scaling_images, len(dataset))
@@ -737,6 +758,11 @@ def _export(cfg: Config, cfg_dict: Dict, vae, train_dataset, accelerator: Accele
                 vae.register_to_config(scaling_factor=factor)
                 notes.append(f"scaling_factor = 1/std of latents over {count} training images")
         notes.append("exported weights: " + ("EMA" if cfg.train.ema_decay and cfg.train.export_ema else "raw (no EMA)"))
+        if drift is not None:
+            notes.append(f"latent drift against {cfg.model.pretrained} on the validation images: relative L2 "
+                         f"{drift['relative_l2']:.3g} (scaled latents {drift['scaled_relative_l2']:.3g}); "
+                         + ("the encoder was frozen (model.trainable=decoder)" if cfg.model.trainable == "decoder"
+                            else "the encoder was trained: diffusion models trained on the starting latents may not transfer"))
         save_diffusers_model(vae, model_dir)
         write_model_card(model_dir, vae, cfg_dict, step, val_metrics, notes)
         logger.info("model exported to %s (load with diffusers %s.from_pretrained)", model_dir, type(vae).__name__)
@@ -751,6 +777,7 @@ def _write_summary(summary: RunSummary, output_dir: Path) -> None:
         "steps": summary.steps, "images_seen": summary.images_seen, "skipped_steps": summary.skipped_steps,
         "failed_inputs": summary.failed_inputs, "val_metrics": summary.val_metrics,
         "initial_val_metrics": summary.initial_val_metrics,
-        "stopped_early": summary.stopped_early, "model_dir": str(summary.model_dir) if summary.model_dir else None,
+        "stopped_early": summary.stopped_early, "latent_drift": summary.latent_drift,
+        "model_dir": str(summary.model_dir) if summary.model_dir else None,
     }
     (output_dir / "summary.json").write_text(json.dumps(payload, indent=2))

@@ -18,7 +18,10 @@ from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# One intra-op thread: the models here are tiny (little to parallelise), and on a 2-core machine
+# two OpenMP threads per process spin against DataLoader workers and subprocesses (measured:
+# a 100-step tiny run took 10 s with one thread, 295 s with two on a loaded machine).
+torch.set_num_threads(1)
 
 from latent_vae.config import load_config  # noqa: E402
 
@@ -93,6 +96,7 @@ def lpips_weights(tmp_path_factory) -> Path:
 
 def run_python(code: str, *args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run a Python snippet in a fresh interpreter (nothing of this process leaks in)."""
-    full_env = {**os.environ, **(env or {})}
+    # Same intra-op thread count as this process: bit-identical comparisons need the same kernels.
+    full_env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), **(env or {})}
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
                           env=full_env, timeout=timeout)

@@ -12,7 +12,7 @@ from latent_vae.checkpoint import list_checkpoints, load_tensors, load_training_
 from latent_vae.config import ModelConfig, load_config
 from latent_vae.data import ValidationDataset, sample_photo_sources
 from latent_vae.losses.perceptual import PerceptualWeightsUnavailable
-from latent_vae.models import build_autoencoder, reconstruct
+from latent_vae.models import build_autoencoder, load_autoencoder, reconstruct
 from latent_vae.training import train
 
 
@@ -192,3 +192,26 @@ def test_no_gradient_leaks_between_the_two_optimisers(tmp_path, monkeypatch):
     ae_c, d_c = first_step_gradients(tmp_path / "c", monkeypatch, "loss.disc_weight=0.5", "loss.lecam_weight=1.0")
     assert all(torch.equal(x, y) for x, y in zip(ae_a, ae_c))
     assert not all(torch.equal(x, y) for x, y in zip(d_a, d_c))
+
+
+def test_decoder_only_finetune_freezes_the_latent_space_and_improves_reconstructions(quickstart_run, tmp_path):
+    """Start from the trained quickstart model with a fresh (random) decoder: fine-tuning the
+    decoder alone recovers the reconstructions, and the encoder — the latent space — never moves."""
+    out, _ = quickstart_run
+    start = load_autoencoder(str(out / "model"))
+    torch.manual_seed(1)
+    fresh = build_autoencoder(ModelConfig(preset="tiny-kl"))
+    start.decoder.load_state_dict(fresh.decoder.state_dict())
+    start.post_quant_conv.load_state_dict(fresh.post_quant_conv.state_dict())
+    start.save_pretrained(tmp_path / "start")
+    tuned = train(fast_config(f"model.pretrained={tmp_path / 'start'}", "model.trainable=decoder",
+                              "data.resolution=64", "data.resize=128", "train.batch_size=8", "train.max_steps=100",
+                              "data.val_images=8", "train.val_every=1000"), tmp_path / "tuned")
+    after = load_autoencoder(str(tuned.model_dir))
+    frozen = [k for k in start.state_dict() if k.startswith(("encoder.", "quant_conv."))]
+    assert frozen and all(torch.equal(start.state_dict()[k], after.state_dict()[k]) for k in frozen)
+    assert tuned.latent_drift["relative_l2"] == 0.0 and tuned.latent_drift["scaled_relative_l2"] == 0.0
+    assert after.config.scaling_factor == start.config.scaling_factor  # what the diffusion model sees is unchanged
+    print(f"validation PSNR {tuned.initial_val_metrics['psnr']:.2f} -> {tuned.val_metrics['psnr']:.2f} dB")
+    assert tuned.val_metrics["psnr"] > tuned.initial_val_metrics["psnr"] + 2.0
+    assert "the encoder was frozen" in (tuned.model_dir / "README.md").read_text()

@@ -29,10 +29,16 @@ def user_errors() -> tuple:
             FileNotFoundError, PermissionError, NotADirectoryError)
 
 
+# The order of `latent-vae --help`: the workflow first; any other command follows alphabetically.
+ORDER = ("train", "encode", "stats", "decode", "eval", "compare", "export", "import", "interpolate", "sample",
+         "visualize", "score")
+
+
 def _subcommands():
-    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
-        if not info.name.startswith("_"):
-            yield info.name.rstrip("_").replace("_", "-"), importlib.import_module(f"{__name__}.{info.name}")
+    names = [m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")]
+    commands = {name.rstrip("_").replace("_", "-"): name for name in names}
+    for command in sorted(commands, key=lambda c: (ORDER.index(c) if c in ORDER else len(ORDER), c)):
+        yield command, importlib.import_module(f"{__name__}.{commands[command]}")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,105 @@
+"""latent-vae encode"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+HELP = "encode an image folder or dataset to latents (a datasets folder), resumable, multi-GPU"
+DESCRIPTION = """\
+Encode every image of a folder or Hugging Face dataset with a diffusers AutoencoderKL or
+VQModel, and write a dataset that datasets.load_from_disk(OUTPUT_DIR) reads: per row the
+stable id, the latent (posterior mean by default), its shape, the preprocessing record
+(original size, resized size, crop top-left, target size, upscaled) and the other columns
+of the source dataset (captions, labels); VQ models add the token ids.
+
+examples:
+  latent-vae encode --model runs/kl-f8/model --data /my/images --output-dir latents/ --resolution 256
+  latent-vae encode --model stabilityai/sd-vae-ft-mse --data my_org/my_dataset --image-column image \\
+      --output-dir latents/ --dtype bf16
+  latent-vae encode --model runs/kl-f8/model --data /my/images --output-dir latents/ \\
+      --resolution 1024 --buckets sdxl --latent sample --seed 0
+  accelerate launch -m latent_vae encode --model runs/kl-f8/model --data /my/images --output-dir latents/
+
+Killed or pre-empted? Run the same command again: finished shards are kept, the rest is
+redone, and the result has exactly one row per readable input. Unreadable inputs are listed
+in OUTPUT_DIR/failures.jsonl; the last line printed gives read / encoded / failed.
+Latents are stored unscaled: multiply by scaling_factor (after subtracting shift_factor) when
+training a diffusion model; `latent-vae stats` computes both. See docs/ENCODING.md.
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    what = parser.add_argument_group("what to encode")
+    what.add_argument("--model", required=True, help="diffusers model folder or hub id (AutoencoderKL or VQModel)")
+    what.add_argument("--subfolder", help="model subfolder, e.g. vae for a full pipeline repository")
+    what.add_argument("--data", help="image folder (recursive), save_to_disk dataset, or hub dataset name "
+                      "(default: the scikit-image sample photos)")
+    what.add_argument("--image-column", default="image", help="image column of a dataset (default: image)")
+    what.add_argument("--split", default="train", help="dataset split (default: train)")
+    what.add_argument("--output-dir", type=Path, required=True, help="where the latent dataset is written")
+
+    prep = parser.add_argument_group("preprocessing (recorded per row)")
+    prep.add_argument("--resolution", type=int, default=256,
+                      help="square crop size, or with --buckets the bucket area resolution² (default: 256)")
+    prep.add_argument("--buckets", choices=("none", "sdxl"), default="none",
+                      help="sdxl: SDXL's 40 aspect-ratio buckets scaled to --resolution; none: square crops")
+    prep.add_argument("--no-upscale", dest="upscale", action="store_false",
+                      help="skip (and list) images smaller than their crop instead of upscaling them")
+
+    out = parser.add_argument_group("stored latents")
+    out.add_argument("--latent", choices=("mean", "mean_logvar", "sample"), default="mean",
+                     help="mean: posterior mean; mean_logvar: also the log-variance; sample: a posterior "
+                     "sample with its per-row seed (default: mean)")
+    out.add_argument("--seed", type=int, default=0, help="base seed of --latent sample (default: 0)")
+    out.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
+                     help="storage: fp32, fp16, or bf16 stored as its int16 bit pattern (default: fp32)")
+    out.add_argument("--shard-size", type=int, default=256,
+                     help="images per shard: the unit of resume, held in memory until written (default: 256)")
+    out.add_argument("--overwrite", action="store_true", help="replace an earlier encode in --output-dir")
+    out.add_argument("--keep-shards", action="store_true", help="keep shards/ after the merge")
+
+    speed = parser.add_argument_group("speed")
+    speed.add_argument("--batch-size", type=int,
+                       help="images per batch (default: 16 on CUDA, 1 on CPU, where larger batches are slower)")
+    speed.add_argument("--num-workers", type=int,
+                       help="DataLoader worker processes (default: CPU cores - 1, at most 4)")
+    speed.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                       help="encoder autocast; auto: bf16 on CUDA, fp32 on CPU; fp32 keeps the encoder in fp32; "
+                       "fp16 batches that overflow are redone in fp32 (default: auto)")
+    speed.add_argument("--channels-last", action="store_true", help="channels_last memory format")
+    speed.add_argument("--compile", action="store_true", help="torch.compile the encoder (falls back when unavailable)")
+    speed.add_argument("--compile-backend", default="inductor", help="torch.compile backend (default: inductor)")
+    speed.add_argument("--tiled", action="store_true", help="diffusers' tiled encoding (AutoencoderKL only)")
+    speed.add_argument("--tile-size", type=int,
+                       help="tile size in pixels, a multiple of the downsampling factor (default: 512)")
+    speed.add_argument("--tile-overlap", type=float, default=0.25,
+                       help="overlap of neighbouring tiles, fraction of a tile (default: 0.25)")
+    speed.add_argument("--device", help="e.g. cuda:1 or cpu (default: the process's Accelerate device)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..encoding import encode_dataset
+
+    speed = {"num_workers": args.num_workers} if args.num_workers is not None else {}
+    summary = encode_dataset(
+        args.model, args.data, args.output_dir, subfolder=args.subfolder, image_column=args.image_column,
+        split=args.split, resolution=args.resolution, buckets=args.buckets, upscale=args.upscale,
+        latent=args.latent, seed=args.seed, dtype=args.dtype, shard_size=args.shard_size, overwrite=args.overwrite,
+        keep_shards=args.keep_shards, batch_size=args.batch_size, **speed,
+        precision=args.precision, channels_last=args.channels_last, compile=args.compile,
+        compile_backend=args.compile_backend, tiled=args.tiled,
+        tile_size=args.tile_size, tile_overlap=args.tile_overlap, device=args.device,
+    )
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return 0
+    if summary.resumed:
+        print(f"resumed: {summary.resumed} inputs were already done by an earlier run")
+    if summary.fp32_retries:
+        print(f"fp16 overflow: {summary.fp32_retries} batches recomputed in fp32")
+    print(f"latents: {summary.output_dir} (datasets.load_from_disk), {summary.images_per_second:.1f} images/s")
+    failures = f" (listed in {summary.failures_path})" if summary.failed else ""
+    print(f"read {summary.read}, encoded {summary.encoded}, failed {summary.failed}{failures}")
+    return 0

@@ -1,0 +1,46 @@
+"""Command-line options and steps shared by ``interpolate``, ``sample``, ``visualize`` and ``score``.
+
+No heavy imports at module level: the CLI imports this module to build ``--help``, which must stay fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Sequence
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, images_help: str, images_required: bool = True,
+                         resolution: int = 256) -> None:
+    parser.add_argument("images", nargs="+" if images_required else "*", metavar="IMAGES",
+                        help=images_help + " (image folders, searched recursively, image files, "
+                        "or saved datasets; in the order given)")
+    parser.add_argument("--model", required=True,
+                        help="diffusers AutoencoderKL / VQModel folder (e.g. runs/quickstart/model) or hub id")
+    parser.add_argument("--subfolder", help="model subfolder, e.g. vae for a full pipeline repository")
+    parser.add_argument("--resolution", type=positive_int, default=resolution,
+                        help=f"images are resized (shorter side) and centre-cropped to this square size "
+                        f"(default {resolution}; a multiple of the model's downsampling factor)")
+    parser.add_argument("--device", help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda if available)")
+    parser.add_argument("--output-dir", type=Path, required=True, help="folder the files are written to")
+
+
+def load_model_from_args(args: argparse.Namespace):
+    """The autoencoder named by ``--model`` / ``--subfolder``, fp32, eval mode, on ``--device``."""
+    from .common import load_model, resolve_device
+
+    return load_model(args.model, resolve_device(args.device), args.subfolder)
+
+
+def print_unreadable(failures: Sequence, csv_path: Path) -> None:
+    """One line naming the first unreadable inputs and the CSV listing all of them with reasons."""
+    if failures:
+        shown = ", ".join(f.key for f in failures[:5]) + (" ..." if len(failures) > 5 else "")
+        print(f"unreadable inputs skipped: {len(failures)} (reasons in {csv_path}): {shown}")
