@@ -1,5 +1,7 @@
 """The hostile-input corpus through every entry point: each file converted or skipped, counted exactly."""
 
+import json
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -28,7 +30,7 @@ def test_every_file_is_converted_or_skipped_with_its_reason(corpus):
     assert sorted(keys) == sorted([*corpus.converted, *corpus.skipped_at_decode])
     for i, key in enumerate(keys):
         if key in corpus.skipped_at_decode:
-            with pytest.raises(ImageReadError, match=corpus.skipped_at_decode[key]):
+            with pytest.raises(ImageReadError, match=corpus.skipped_at_decode[key] or None):
                 source.read(i)
             continue
         image = source.read(i)
@@ -45,3 +47,58 @@ def test_training_on_the_corpus_skips_and_counts_exactly(corpus, tmp_path):
     expected = set(corpus.skipped)
     assert {k for k in listed if "symlink loop" not in listed[k]} == expected
     assert summary.failed_inputs == len(expected) + 1  # + the symlink loop, reported as a folder problem
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from latent_vae.config import ModelConfig
+    from latent_vae.models import build_autoencoder
+
+    folder = tmp_path_factory.mktemp("model") / "tiny-kl"
+    build_autoencoder(ModelConfig(preset="tiny-kl")).save_pretrained(folder)
+    return folder
+
+
+def test_encode_on_the_corpus_converts_skips_and_counts_exactly(corpus, tiny_model, tmp_path):
+    import datasets
+
+    from latent_vae.encoding import encode_dataset
+
+    summary = encode_dataset(str(tiny_model), str(corpus.root), tmp_path / "latents", resolution=32, progress=False)
+    expected_failures = set(corpus.skipped)
+    assert (summary.encoded, summary.failed) == (len(corpus.converted), len(expected_failures) + 1)  # + loop
+    assert summary.read == summary.encoded + summary.failed
+    failures = [json.loads(line) for line in summary.failures_path.read_text().splitlines()]
+    assert {f["id"] for f in failures if f["index"] is not None} == expected_failures
+    assert any("symlink loop" in f["reason"] for f in failures if f["index"] is None)
+    rows = datasets.load_from_disk(str(tmp_path / "latents"))
+    assert sorted(rows["id"]) == sorted(corpus.converted)
+    by_id = {row["id"]: row for row in rows}
+    for key, size in corpus.converted.items():
+        assert tuple(by_id[key]["original_size"]) in (size, size[::-1]), key  # (w, h) or (h, w) order
+        assert by_id[key]["upscaled"] == (min(size) < 32), key
+
+
+def test_eval_on_the_corpus_converts_skips_and_counts_exactly(corpus, tiny_model):
+    from latent_vae.evaluation import EvalOptions, evaluate
+    from latent_vae.models import load_autoencoder
+
+    source, scan_failures = open_source(str(corpus.root))
+    result = evaluate(load_autoencoder(str(tiny_model)), source,
+                      EvalOptions(resolution=32, lpips=(), fid=False, num_workers=0, progress=False),
+                      failures=scan_failures)
+    summary = result.summary()
+    assert summary["inputs"]["evaluated"] == len(corpus.converted)
+    assert summary["inputs"]["upscaled"] == sum(min(size) < 32 for size in corpus.converted.values())
+    skipped = {entry["key"] for entry in summary["skipped_inputs"] if "symlink loop" not in entry["reason"]}
+    assert skipped == set(corpus.skipped)
+    assert sorted(row["key"] for row in result.per_image) == sorted(corpus.converted)
+
+
+@pytest.mark.parametrize("row_id", ["../../etc/passwd", "/abs/path.png", "a/../../b.jpg", "..", "nested/ok.png"])
+def test_ids_from_a_dataset_never_name_a_path_outside_the_output_directory(tmp_path, row_id):
+    from latent_vae.encoding import preview_name
+
+    name = preview_name(7, row_id)
+    assert "/" not in name and not name.startswith(".")
+    assert (tmp_path / name).resolve().parent == tmp_path.resolve()
