@@ -33,11 +33,11 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 from diffusers import AutoencoderKL, VQModel
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .checkpoint import CheckpointError
 from .models import Autoencoder, is_vq
+from .weights import UnreadableWeights, read_weights
 
 CONFIG_METADATA_KEY = "latent_vae.diffusers_config"
 # Keys of a full Stable Diffusion / latent-diffusion checkpoint that hold its first stage.
@@ -121,30 +121,11 @@ def load_original_state_dict(model: Autoencoder, state: Dict[str, torch.Tensor])
 
 
 def read_checkpoint(path: str | Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
-    """(tensors, safetensors metadata) of a ``.safetensors`` file, or of a ``.ckpt``/``.pt`` read with
-    ``torch.load(weights_only=True)`` (tensors and plain containers only: nothing is executed)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.suffix == ".safetensors":
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                return {k: handle.get_tensor(k) for k in handle.keys()}, dict(handle.metadata() or {})
-        except Exception as err:  # SafetensorError: truncated or not a safetensors file
-            raise ConversionError(f"{path} is not a readable safetensors file ({err})") from None
+    """(tensors, safetensors metadata) of a single-file checkpoint, read safely (``weights.read_weights``)."""
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # UnpicklingError for anything beyond tensors; corrupt files
-        raise ConversionError(
-            f"{path} was refused: torch.load(weights_only=True) cannot read it ({type(err).__name__}); it "
-            "holds Python objects beyond tensors, and unpickling those can execute code. Convert it to "
-            ".safetensors in an environment you trust, or use the model's .safetensors release"
-        ) from None
-    if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
-        loaded = loaded["state_dict"]  # latent-diffusion / Lightning checkpoints
-    if not isinstance(loaded, dict):
-        raise ConversionError(f"{path} does not hold a state dict")
-    return {k: v for k, v in loaded.items() if isinstance(v, torch.Tensor)}, {}
+        return read_weights(path)
+    except UnreadableWeights as err:
+        raise ConversionError(str(err)) from None
 
 
 def vae_tensors(state: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], int]:

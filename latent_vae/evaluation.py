@@ -30,7 +30,6 @@ import json
 import logging
 import os
 import random
-import socket
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,9 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointError
 from .config import ConfigError
-from .convert import read_checkpoint
 from .data import DataError, Failure, ImageSource, crop_image, derive_seed, to_tensor
 from .distributed import all_gather_cat, all_reduce_sum_
 from .encoding import autocast, configure_tiling
@@ -54,6 +51,7 @@ from .losses.regularizers import ACTIVE_UNIT_THRESHOLD
 from .metrics import psnr_per_image, ssim_per_image, to_unit_range
 from .models import Autoencoder, downsample_factor, is_vq, latent_channels
 from .tokens import latents_to_indices
+from .weights import pretrained_weights
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +59,6 @@ logger = logging.getLogger(__name__)
 INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
                  "weights-inception-2015-12-05-6726825d.pth")
 FID_FEATURE_SIZES = (64, 192, 768, 2048)
-DOWNLOAD_TIMEOUT_S = 30
 PRECISIONS = ("fp32", "bf16", "fp16")
 _TILING_ATTRIBUTES = ("use_tiling", "tile_sample_min_size", "tile_latent_min_size", "tile_overlap_factor")
 
@@ -170,28 +167,10 @@ class EvalResult:
 
 
 def _inception_state(weights_path: Optional[str]) -> Dict[str, torch.Tensor]:
-    """InceptionV3 weights: the given file, else the torch hub cache, else a download (with a timeout)."""
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(INCEPTION_URL).name
-    path = weights_path or (cached if cached.is_file() else None)
-    if path is not None:
-        try:
-            return read_checkpoint(path)[0]
-        except (FileNotFoundError, CheckpointError) as err:
-            raise InceptionWeightsUnavailable(f"InceptionV3 weights for rFID: {err}") from None
-    previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)  # a blocked network fails in seconds, not minutes
-    try:
-        return torch.hub.load_state_dict_from_url(INCEPTION_URL, map_location="cpu", progress=False,
-                                                  check_hash=True, weights_only=True)
-    except Exception as err:  # URLError, timeout, hash mismatch, read-only cache...
-        raise InceptionWeightsUnavailable(
-            f"rFID needs the InceptionV3 weights torch-fidelity uses ({INCEPTION_URL}); they are not in "
-            f"the torch hub cache ({cached.parent}) and the download failed ({type(err).__name__}: {err}). "
-            f"Fixes: download that file where there is network and pass --fid-weights /path/{cached.name} "
-            f"(or copy it into {cached.parent}); or skip rFID with --no-fid"
-        ) from None
-    finally:
-        socket.setdefaulttimeout(previous)
+    """InceptionV3 weights: the given file, else the torch hub cache, else a download."""
+    return pretrained_weights(INCEPTION_URL, weights_path, InceptionWeightsUnavailable,
+                              "rFID (torch-fidelity's InceptionV3)",
+                              "--fid-weights {path}; or skip rFID with --no-fid")
 
 
 def load_inception(weights_path: Optional[str] = None, features: int = 2048) -> nn.Module:

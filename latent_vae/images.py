@@ -11,7 +11,7 @@ import contextlib
 import io
 import warnings
 from pathlib import Path
-from typing import Any, Union
+from typing import Union
 
 import numpy as np
 from PIL import Image, ImageOps

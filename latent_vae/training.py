@@ -28,8 +28,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
-from .config import Config, ConfigError, config_to_dict, save_config
-from .data import (DataError, Failure, TrainBatchSampler, TrainDataset, ValidationDataset, collate,
+from .config import Config, config_to_dict, save_config
+from .data import (Failure, TrainBatchSampler, TrainDataset, ValidationDataset, collate,
                    split_train_val)
 from .distributed import all_reduce_sum_, world_size
 from .ema import EMA

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FAST
 
 SCRIPT = """
 import os, sys, torch

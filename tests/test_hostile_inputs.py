@@ -4,7 +4,6 @@ import json
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from conftest import fast_config
 from hostile import build_corpus

@@ -8,14 +8,13 @@ how to fix it; a random backbone is never used silently.
 
 from __future__ import annotations
 
-import os
-import pickle
-from pathlib import Path
 from typing import Dict, Optional
 
 import lpips
 import torch
 from torch import nn
+
+from ..weights import pretrained_weights
 
 BACKBONE_URLS = {
     "vgg": "https://download.pytorch.org/models/vgg16-397923af.pth",
@@ -27,45 +26,11 @@ class PerceptualWeightsUnavailable(RuntimeError):
     """The LPIPS backbone weights are neither given, cached, nor downloadable."""
 
 
-def cached_backbone_path(net: str) -> Path:
-    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(BACKBONE_URLS[net])
-
-
-def _read_state_dict(path: str | Path) -> Dict[str, torch.Tensor]:
-    path = Path(path)
-    if not path.is_file():
-        raise PerceptualWeightsUnavailable(f"LPIPS backbone weights file not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise PerceptualWeightsUnavailable(
-            f"{path} was refused: it is not a plain weights file (it holds pickled objects, which could run "
-            f"code; {str(err).splitlines()[0]}). Use the torchvision .pth or a .safetensors file."
-        ) from None
-
-
 def _backbone_state(net: str, weights_path: Optional[str]) -> Dict[str, torch.Tensor]:
-    if weights_path:
-        return _read_state_dict(weights_path)
-    cached = cached_backbone_path(net)
-    if cached.is_file():
-        return _read_state_dict(cached)
-    url = BACKBONE_URLS[net]
-    try:
-        return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=False, check_hash=True)
-    except Exception as err:  # URLError, HTTPError, hash mismatch, read-only cache...
-        raise PerceptualWeightsUnavailable(
-            f"LPIPS ({net}) needs the ImageNet weights of its backbone ({url}); they are not in "
-            f"the torch hub cache ({cached.parent}) and the download failed "
-            f"({type(err).__name__}: {err}). Fixes: download that file where there is network "
-            f"and pass its path (training: loss.perceptual_weights=/path/{cached.name}; "
-            f"eval: --lpips-weights /path/{cached.name}) or copy it into {cached.parent}; "
-            "or train without the perceptual loss: loss.perceptual_weight=0."
-        ) from None
+    return pretrained_weights(
+        BACKBONE_URLS[net], weights_path, PerceptualWeightsUnavailable, f"LPIPS ({net})",
+        "it (training: loss.perceptual_weights={path}; eval/score: --lpips-weights {path}); or train "
+        "without the perceptual loss: loss.perceptual_weight=0")
 
 
 def _load_backbone(model: lpips.LPIPS, state: Dict[str, torch.Tensor], net: str) -> None:

@@ -10,7 +10,6 @@ Reduction convention (``loss.reduction``), shared with the reconstruction term:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Dict, Optional
 
