@@ -76,7 +76,7 @@ def pretrained_weights(url: str, weights_path: Optional[str], unavailable: Type[
         raise unavailable(
             f"{what} needs the weights at {url}; they are not in the torch hub cache ({cached.parent}) and the download "
             f"failed ({type(err).__name__}: {err}). Fixes: download that file where there is network and "
-            f"pass {option.format(path=f'/path/{cached.name}')} (or copy it into {cached.parent})"
+            f"copy it into {cached.parent}, or pass {option.format(path=f'/path/{cached.name}')}"
         ) from None
     finally:
         socket.setdefaulttimeout(previous)
