@@ -179,6 +179,7 @@ class TrainConfig:
     compile: bool = False
     compile_backend: str = "inductor"
     fused_optimizer: bool = False
+    allow_tf32: bool = True
 
     def __post_init__(self) -> None:
         _check_choice("train", "lr_scaling", self.lr_scaling, ("linear", "none"))

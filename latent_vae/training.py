@@ -66,6 +66,17 @@ class RunSummary:
 # --------------------------------------------------------------------------- helpers
 
 
+def reset_accelerate_state() -> None:
+    """Forget Accelerate's process-wide state, so that another ``train()`` in this process may use
+    other settings (e.g. another mixed precision): notebooks, benchmarks and tests."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+
 def effective_learning_rate(cfg: Config, num_processes: int) -> float:
     """``train.learning_rate`` × processes × batch × accumulation under ``lr_scaling=linear``."""
     if cfg.train.lr_scaling == "none":
@@ -184,16 +195,20 @@ class MetricWindow:
         self.counts: Dict[str, int] = {}
 
     def add(self, values: Dict[str, Any]) -> None:
+        """Tensors are summed where they live; Python numbers on the host (a host-to-device copy
+        of a number every step would synchronise the device)."""
         for key, value in values.items():
-            value = torch.as_tensor(value).detach().to(self.device, torch.float32)
-            self.sums[key] = self.sums[key] + value if key in self.sums else value.clone()
+            if isinstance(value, torch.Tensor):
+                value = value.detach().float()
+            self.sums[key] = self.sums[key] + value if key in self.sums else value
             self.counts[key] = self.counts.get(key, 0) + 1
 
     def reduce(self) -> Dict[str, Any]:
         """Means over the window and over processes, on the host."""
         out: Dict[str, Any] = {}
         for key in sorted(self.sums):
-            mean = all_reduce_sum_(self.sums[key] / self.counts[key]) / world_size()
+            total = torch.as_tensor(self.sums[key], dtype=torch.float32, device=self.device)
+            mean = all_reduce_sum_(total / self.counts[key]) / world_size()
             out[key] = mean.cpu()
         self.sums, self.counts = {}, {}
         return out
@@ -262,6 +277,9 @@ def train(config: Config, output_dir: str | Path, resume: Optional[str] = None) 
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
     )
     is_main, device = accelerator.is_main_process, accelerator.device
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed-size crops: pick the fastest convolution once
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.train.allow_tf32
     setup_logging(output_dir, is_main)
     torch.manual_seed(cfg.train.seed)  # same initial weights on every process
 
@@ -286,6 +304,9 @@ def train(config: Config, output_dir: str | Path, resume: Optional[str] = None) 
         vae.decoder.requires_grad_(True)
         vae.post_quant_conv.requires_grad_(True)
     if cfg.model.gradient_checkpointing:
+        # diffusers flags VQModel as unsupported, but its Encoder/Decoder are AutoencoderKL's,
+        # which checkpoint correctly (tested); the flag is per instance and is not exported.
+        vae._supports_gradient_checkpointing = True
         vae.enable_gradient_checkpointing()
     # Fine-tuning an existing VAE: keep its starting weights to report how far the latents moved.
     initial_vae = copy.deepcopy(vae).eval().requires_grad_(False) if cfg.model.pretrained else None

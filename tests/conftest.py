@@ -22,6 +22,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(1)
 
 from latent_vae.config import load_config  # noqa: E402
+from latent_vae.training import reset_accelerate_state as reset_accelerate  # noqa: E402, F401
 
 # Fast settings for loop-mechanics tests: 32 px crops, no workers, no trackers, no LPIPS.
 FAST = [
@@ -39,16 +40,6 @@ def fast_config(*overrides: str):
 @pytest.fixture
 def make_config():
     return fast_config
-
-
-def reset_accelerate() -> None:
-    """Accelerate keeps process-wide singletons (e.g. the mixed precision); forget them so the
-    next ``train()`` in this process may use different settings."""
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
 
 
 @pytest.fixture(autouse=True)

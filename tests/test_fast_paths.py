@@ -98,7 +98,10 @@ def test_fused_optimizer_matches_the_default(tmp_path):
     assert relative_error(weights["fused"], weights["default"]) < 1e-4
 
 
-def test_gradient_checkpointing_matches_plain(tmp_path, monkeypatch, plain):
-    fast = first_step_gradients(tmp_path / "gc", monkeypatch, "model.gradient_checkpointing=true")
+@pytest.mark.parametrize("preset", ["tiny-kl", "tiny-vq"])
+def test_gradient_checkpointing_matches_plain(tmp_path, monkeypatch, preset):
+    model = [f"model.preset={preset}", "loss.reduction=mean"]
+    plain = first_step_gradients(tmp_path / "plain", monkeypatch, *model)
+    fast = first_step_gradients(tmp_path / "gc", monkeypatch, *model, "model.gradient_checkpointing=true")
     for a, b in zip(fast, plain):
         assert relative_error(a, b) < 1e-5

@@ -97,12 +97,13 @@ def test_lecam_regularizer():
 
 def test_adaptive_weight_ratio_and_clamp():
     w = nn.Parameter(torch.zeros(4))
+    reconstructions = w * 1.0  # the last layer is the identity: weight gradients = reconstruction gradients
     a, b = torch.full((4,), 3.0), torch.full((4,), 0.5)
-    weight = adaptive_gan_weight((a * w).sum(), (b * w).sum(), w, max_weight=1e4)
+    weight = adaptive_gan_weight(reconstructions, a, b, w, max_weight=1e4)
     assert weight.item() == pytest.approx(6.0 / (1.0 + 1e-4), rel=1e-6)
     assert not weight.requires_grad
     tiny = torch.full((4,), 1e-9)
-    assert adaptive_gan_weight((a * w).sum(), (tiny * w).sum(), w, max_weight=1e4).item() == pytest.approx(1e4)
+    assert adaptive_gan_weight(reconstructions, a, tiny, w, max_weight=1e4).item() == pytest.approx(1e4)
 
 
 def test_gan_term_gated_by_disc_start_and_weighted_by_lambda():
@@ -117,11 +118,47 @@ def test_gan_term_gated_by_disc_start_and_weighted_by_lambda():
 
     before, logs_before = run(9)
     assert "g_loss" not in logs_before and before.item() == pytest.approx(4 * 0.5)
-    after, logs = run(10)
+    _, logs = run(10)
     # d rec / dw = -sum(x) = -4 ; g = -mean(w x) = -w -> dg/dw = -1 ; lambda = 4/(1+1e-4) * 0.5
     lam = 4.0 / (1.0 + 1e-4) * 0.5
     assert logs["gan_weight"].item() == pytest.approx(lam, rel=1e-6)
-    assert after.item() == pytest.approx(2.0 + lam * (-0.5), rel=1e-6)
+    assert logs["total"].item() == pytest.approx(2.0 + lam * (-0.5), rel=1e-6)
+
+
+@pytest.mark.parametrize("learn_logvar", [False, True])
+def test_adaptive_objective_has_the_gradient_of_the_generator_loss(learn_logvar):
+    """The surrogate objective back-propagates exactly d/dθ [nll + reg + λ·g] with λ held constant."""
+    torch.manual_seed(0)
+    decoder = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.SiLU(), nn.Conv2d(8, 3, 3, padding=1))
+    encoder_weight = nn.Parameter(torch.tensor(0.3))
+    logvar = nn.Parameter(torch.tensor(0.2), requires_grad=learn_logvar)
+    disc = PatchDiscriminator(3, 8, 2)
+    disc.requires_grad_(False)
+    loss_fn = AutoencoderLoss(LossConfig(perceptual_weight=0.5, disc_start=0, reduction="sum"), ConstantishPerceptual())
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    params = [*decoder.parameters(), encoder_weight] + ([logvar] if learn_logvar else [])
+
+    def forward():
+        recon = decoder(x * encoder_weight)
+        return recon, (encoder_weight ** 2)  # a stand-in regulariser on the "encoder"
+
+    recon, reg = forward()
+    objective, logs = loss_fn.generator_loss(x, recon, reg, logvar, 0, disc, decoder[2].weight)
+    surrogate = torch.autograd.grad(objective, params)
+    recon, reg = forward()
+    rec, _ = loss_fn.reconstruction_terms(x, recon)
+    nll = (rec / torch.exp(logvar) + logvar).sum() / x.shape[0]
+    explicit = nll + reg + logs["gan_weight"] * generator_loss("hinge", disc(recon))
+    assert explicit.item() == pytest.approx(logs["total"].item(), rel=1e-6)
+    for a, b in zip(surrogate, torch.autograd.grad(explicit, params)):
+        assert (a - b).abs().max() <= 1e-5 * b.abs().max(), ((a - b).abs().max(), b.abs().max())
+
+
+class ConstantishPerceptual(nn.Module):
+    """A differentiable per-image distance standing in for LPIPS."""
+
+    def forward(self, a, b):
+        return (a - b).pow(2).mean(dim=(1, 2, 3), keepdim=True).sqrt()
 
 
 def test_adaptive_weight_is_fp32_under_bf16_autocast():

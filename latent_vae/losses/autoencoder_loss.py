@@ -6,6 +6,7 @@ Generator (autoencoder) loss, per pixel then reduced (``loss.reduction``):
     nll  = rec / exp(s) + s                                      # s: log-variance, 0 unless learned
     L_G  = reduce(nll) + regulariser + λ · [step ≥ disc_start] · g(D(x̂))
     λ    = disc_weight · clamp(‖∇_W reduce(nll)‖ / (‖∇_W g‖ + 1e-4), 0, max),  W = decoder.conv_out.weight
+           (λ is a constant for the update: no gradient flows through it)
 
 Discriminator loss on *detached* reconstructions: hinge or vanilla, plus optional LeCam.
 The reductions and λ are computed in fp32 whatever the autocast dtype.
@@ -24,17 +25,18 @@ from .discriminator import discriminator_loss, generator_loss, lecam_regularizer
 from .regularizers import reduce_elements
 
 
-def adaptive_gan_weight(
-    nll_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor, max_weight: float
-) -> torch.Tensor:
+def adaptive_gan_weight(reconstructions: torch.Tensor, grad_nll: torch.Tensor, grad_g: torch.Tensor,
+                        last_layer: torch.Tensor, max_weight: float) -> torch.Tensor:
     """‖∇_W L_rec‖ / (‖∇_W L_G‖ + 1e-4), clamped to [0, max], detached, in fp32.
 
-    Under DDP the two gradients are averaged over processes first, so λ is the one the
-    global batch would give, and identical on every rank.
+    ``grad_nll`` and ``grad_g`` are the gradients of the two losses w.r.t. the reconstructions;
+    only the last layer is back-propagated through here. Under DDP the two weight gradients are
+    averaged over processes first, so λ is the one the global batch would give, identical on
+    every rank.
     """
-    nll_grad = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0].float()
-    g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0].float()
-    grads = all_reduce_mean_(torch.stack([nll_grad, g_grad]))
+    weight_grads = [torch.autograd.grad(reconstructions, last_layer, grad_outputs=g, retain_graph=True)[0].float()
+                    for g in (grad_nll, grad_g)]
+    grads = all_reduce_mean_(torch.stack(weight_grads))
     weight = grads[0].norm() / (grads[1].norm() + 1e-4)
     return torch.clamp(weight, 0.0, max_weight).detach()
 
@@ -73,24 +75,41 @@ class AutoencoderLoss(nn.Module):
         discriminator: Optional[nn.Module],
         last_layer: Optional[torch.Tensor],
     ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """The generator objective to back-propagate, and the logged values (``logs["total"]`` is L_G).
+
+        With the adaptive weight, the objective is a surrogate with the gradient of L_G: the
+        gradients of the reconstruction and GAN terms w.r.t. the reconstructions are computed once
+        (one backward through LPIPS, one through D), give λ through the last layer alone, and are
+        reused for the update — instead of back-propagating through LPIPS and D twice.
+        """
         rec, logs = self.reconstruction_terms(inputs, reconstructions)
         logvar = logvar.float()
         nll = rec / torch.exp(logvar) + logvar
         nll_loss = reduce_elements(nll, self.cfg.reduction)
-        total = nll_loss + regularizer_loss.float()
-        logs.update(nll=nll_loss.detach(), regularizer=regularizer_loss.detach().float(), logvar=logvar.detach())
+        regularizer_loss = regularizer_loss.float()
+        total = nll_loss + regularizer_loss
+        objective = total
+        logs.update(nll=nll_loss.detach(), regularizer=regularizer_loss.detach(), logvar=logvar.detach())
         if discriminator is not None and self.gan_active(step):
             logits_fake = discriminator(reconstructions).float()
             g_loss = generator_loss(self.cfg.disc_loss, logits_fake)
             if self.cfg.adaptive_weight and last_layer is not None:
-                weight = adaptive_gan_weight(nll_loss, g_loss, last_layer, self.cfg.adaptive_weight_max)
+                grad_nll, grad_g = (torch.autograd.grad(loss, reconstructions, retain_graph=True)[0]
+                                    for loss in (nll_loss, g_loss))
+                weight = self.cfg.disc_weight * adaptive_gan_weight(
+                    reconstructions, grad_nll, grad_g, last_layer, self.cfg.adaptive_weight_max)
+                objective = (reconstructions.float() * (grad_nll.float() + weight * grad_g.float())).sum()
+                objective = objective + regularizer_loss
+                if logvar.requires_grad:  # the NLL's direct dependence on the learned log-variance
+                    objective = objective + reduce_elements(rec.detach() / torch.exp(logvar) + logvar,
+                                                            self.cfg.reduction)
             else:
-                weight = torch.ones((), device=g_loss.device)
-            weight = weight * self.cfg.disc_weight
-            total = total + weight * g_loss
+                weight = torch.full((), self.cfg.disc_weight, device=g_loss.device)
+                objective = total + weight * g_loss
+            total = total + weight * g_loss.detach()
             logs.update(g_loss=g_loss.detach(), gan_weight=weight)
         logs["total"] = total.detach()
-        return total, logs
+        return objective, logs
 
     def discriminator_loss(
         self, discriminator: nn.Module, inputs: torch.Tensor, reconstructions: torch.Tensor, concat: bool = True

@@ -88,7 +88,7 @@ class KLRegularizer(nn.Module):
         weight = kl_weight_at(step, self.cfg)
         logs = {
             "kl": reduce_elements(kl.detach(), self.cfg.reduction),
-            "kl_weight": torch.tensor(weight),
+            "kl_weight": weight,
             "kl_per_channel": kl_per_channel.detach(),
             "channel_activity": channel_activity(mean.detach()),
         }
