@@ -193,7 +193,7 @@ class PlainBaseline:
         return reconstructions, self.cfg.kl_weight * posterior.kl().mean()
 
     def step(self, images: torch.Tensor) -> Dict[str, float]:
-        from latent_vae.losses import adaptive_gan_weight, discriminator_loss, generator_loss
+        from latent_vae.losses import discriminator_loss, generator_loss
 
         # generator step (discriminator frozen)
         self.disc.requires_grad_(False)
@@ -201,8 +201,12 @@ class PlainBaseline:
         rec = (images - reconstructions).abs() + self.cfg.perceptual_weight * self.lpips(images, reconstructions)
         nll = rec.sum() / images.shape[0]
         g_loss = generator_loss(self.cfg.disc_loss, self.disc(reconstructions))
-        weight = self.cfg.disc_weight * adaptive_gan_weight(nll, g_loss, self.vae.decoder.conv_out.weight,
-                                                           self.cfg.adaptive_weight_max)
+        # λ as taming computes it: each loss back-propagated separately (through LPIPS and D) to the last layer
+        last_layer = self.vae.decoder.conv_out.weight
+        nll_grad = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]
+        g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+        weight = self.cfg.disc_weight * torch.clamp(nll_grad.norm() / (g_grad.norm() + 1e-4), 0.0,
+                                                    self.cfg.adaptive_weight_max).detach()
         loss = nll + regularizer + weight * g_loss
         self.opt_ae.zero_grad()
         loss.backward()

@@ -215,3 +215,17 @@ def test_decoder_only_finetune_freezes_the_latent_space_and_improves_reconstruct
     print(f"validation PSNR {tuned.initial_val_metrics['psnr']:.2f} -> {tuned.val_metrics['psnr']:.2f} dB")
     assert tuned.val_metrics["psnr"] > tuned.initial_val_metrics["psnr"] + 2.0
     assert "the encoder was frozen" in (tuned.model_dir / "README.md").read_text()
+
+
+def test_gradient_accumulation_equals_the_combined_batch(tmp_path, monkeypatch):
+    """2 micro-batches of 2 images give the gradients of one batch of 4 (same samples, same noise).
+    Without the GAN term: with it, λ is measured per micro-batch, as every trainer does."""
+    GradientSpy.record = []
+    monkeypatch.setattr(torch.optim, "Adam", GradientSpy)
+    train(fast_config("train.max_steps=1", "train.batch_size=4", "loss.kl_weight=1e-3"), tmp_path / "batch")
+    reset_accelerate()
+    train(fast_config("train.max_steps=1", "train.batch_size=2", "train.grad_accum_steps=2", "loss.kl_weight=1e-3"),
+          tmp_path / "accumulated")
+    combined, accumulated = GradientSpy.record
+    scale = max(g.abs().max() for g in combined)
+    assert all((a - b).abs().max() <= 1e-5 * scale for a, b in zip(combined, accumulated))
