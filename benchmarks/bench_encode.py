@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import shlex
 import shutil
 import statistics
 import sys
@@ -112,8 +113,9 @@ class UtilisationSampler:
 
 
 def model_for(args, preset: str):
+    """A preset with random weights (seeded), or with --model the trained model (``preset`` is its path)."""
     if args.model:
-        return load_autoencoder(args.model)
+        return load_autoencoder(preset)
     torch.manual_seed(0)
     return PRESETS[preset].cls(**PRESETS[preset].kwargs).eval()
 
@@ -249,7 +251,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     parser.add_argument("--presets", default="tiny-kl,kl-f8", help="comma-separated presets (default: tiny-kl,kl-f8)")
-    parser.add_argument("--model", help="benchmark this diffusers VAE instead of random-weight presets")
+    parser.add_argument("--model", help="benchmark this diffusers VAE (folder or hub id) instead of random-weight "
+                        "presets; --presets and --presets-decode are then ignored")
     parser.add_argument("--images", type=Path, help="image folder (e.g. /work/shared/data/cbsd68); default: generated")
     parser.add_argument("--num-images", type=int, default=16, help="images encoded per run (default: 16)")
     parser.add_argument("--resolutions", default="256", help="encode resolutions (default: 256)")
@@ -282,15 +285,15 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="bench_encode_"))
     encode_sizes = parse_sizes(args.resolutions)  # '' = decode benchmarks only
     images = args.images or (generated_images(work / "images", args.num_images) if encode_sizes else None)
-    presets = [p for p in args.presets.split(",") if p]
+    presets = [args.model] if args.model else [p for p in args.presets.split(",") if p]
     for line in machine_description(device) + [f"load average at start: {os.getloadavg()[0]:.1f}",
                                                 "images: " + str(args.images or "generated 480x320"),
-                                                "command: python " + " ".join(sys.argv)]:
+                                                "command: python " + shlex.join(sys.argv)]:
         print(f"# {line}")
     print()
     try:
         encode_rows = [bench_encode(args, p, r, images, work, device) for p in presets for r in encode_sizes]
-        decode_presets = [p for p in (args.presets_decode or args.presets).split(",") if p]
+        decode_presets = presets if args.model else [p for p in (args.presets_decode or args.presets).split(",") if p]
         decode_rows = [bench_decode(args, p, r, device)
                        for p in decode_presets for r in parse_sizes(args.decode_resolutions)]
         tiled_rows = [bench_tiled_decode(args, p, r, device)

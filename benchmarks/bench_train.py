@@ -355,10 +355,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     fast = fast_flags(args.precision, args.compile)
     variants = args.variants.split(",") if args.variants else default_variants(device)
     flags = {name: expand_variant(name, fast) for name in variants if name != "plain"}
-    model_class = PRESETS[args.preset].cls
-    if any("ckpt" in f for f in flags.values()) and not model_class._supports_gradient_checkpointing:
-        raise SystemExit(f"error: diffusers' {model_class.__name__} does not support gradient checkpointing; "
-                         "drop the '+ckpt' variants for this preset")
 
     workdir = Path(tempfile.mkdtemp(prefix="bench_train-"))
     try:

@@ -37,7 +37,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -48,6 +48,10 @@ from .data import DataError, Failure, ImageSource, derive_seed, open_source
 from .images import ImageReadError
 from .models import Autoencoder, downsample_factor, is_vq, latent_channels, load_autoencoder
 from .tokens import latents_to_indices
+
+if TYPE_CHECKING:  # imported where used: `import latent_vae` stays light
+    import datasets
+    import pyarrow
 
 logger = logging.getLogger("latent_vae")
 

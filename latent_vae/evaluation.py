@@ -89,7 +89,7 @@ class EvalOptions:
     seed: int = 0                     # for ``sample``: image i uses derive_seed(seed, i)
     limit: Optional[int] = None       # evaluate the first N images only
     tiled: bool = False               # diffusers' tiled encode/decode (AutoencoderKL)
-    tile_size: Optional[int] = None   # tile size in pixels (default: the model's sample_size)
+    tile_size: Optional[int] = None   # tile size in pixels (default: 512)
     tile_overlap: float = 0.25        # fraction of a tile shared with its neighbour (blended)
     precision: str = "fp32"           # autocast dtype of the model's forward; metrics in fp32
     lpips: Tuple[str, ...] = ("alex", "vgg")

@@ -29,6 +29,16 @@ def user_errors() -> tuple:
             FileNotFoundError, PermissionError, NotADirectoryError)
 
 
+def add_tiling_arguments(group, what: str) -> None:
+    """--tiled, --tile-size, --tile-overlap, as ``latent_vae.encoding.configure_tiling`` takes them."""
+    group.add_argument("--tiled", action="store_true",
+                       help=f"diffusers' tiled {what} (AutoencoderKL only): large images in bounded memory")
+    group.add_argument("--tile-size", type=int,
+                       help="tile size in pixels, a multiple of the downsampling factor (default: 512)")
+    group.add_argument("--tile-overlap", type=float, default=0.25,
+                       help="overlap of neighbouring tiles, fraction of a tile (default: 0.25)")
+
+
 # The order of `latent-vae --help`: the workflow first; any other command follows alphabetically.
 ORDER = ("train", "encode", "stats", "decode", "eval", "compare", "export", "import", "interpolate", "sample",
          "visualize", "score")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from . import add_tiling_arguments
+
 HELP = "decode latents written by `encode` back to PNG images (previews, checks)"
 DESCRIPTION = """\
 Decode the first --limit rows of a latent dataset written by `latent-vae encode` to PNG
@@ -30,11 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, help="latents per decoder call (default: 8 on CUDA, 1 on CPU)")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                         help="decoder autocast; auto: bf16 on CUDA, fp32 on CPU (default: auto)")
-    parser.add_argument("--tiled", action="store_true", help="diffusers' tiled decoding (AutoencoderKL only)")
-    parser.add_argument("--tile-size", type=int,
-                        help="tile size in pixels, a multiple of the downsampling factor (default: 512)")
-    parser.add_argument("--tile-overlap", type=float, default=0.25,
-                        help="overlap of neighbouring tiles, fraction of a tile (default: 0.25)")
+    add_tiling_arguments(parser, "decoding")
     parser.add_argument("--device", help="e.g. cuda:0 or cpu (default: cuda when available)")
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from . import add_tiling_arguments
+
 HELP = "encode an image folder or dataset to latents (a datasets folder), resumable, multi-GPU"
 DESCRIPTION = """\
 Encode every image of a folder or Hugging Face dataset with a diffusers AutoencoderKL or
@@ -70,11 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     speed.add_argument("--channels-last", action="store_true", help="channels_last memory format")
     speed.add_argument("--compile", action="store_true", help="torch.compile the encoder (falls back when unavailable)")
     speed.add_argument("--compile-backend", default="inductor", help="torch.compile backend (default: inductor)")
-    speed.add_argument("--tiled", action="store_true", help="diffusers' tiled encoding (AutoencoderKL only)")
-    speed.add_argument("--tile-size", type=int,
-                       help="tile size in pixels, a multiple of the downsampling factor (default: 512)")
-    speed.add_argument("--tile-overlap", type=float, default=0.25,
-                       help="overlap of neighbouring tiles, fraction of a tile (default: 0.25)")
+    add_tiling_arguments(speed, "encoding")
     speed.add_argument("--device", help="e.g. cuda:1 or cpu (default: the process's Accelerate device)")
 
 

@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Dict, List
 
+from . import add_tiling_arguments
+
 HELP = "reconstruction metrics on images: PSNR, SSIM, LPIPS, rFID, codebook usage, active latent units"
 DESCRIPTION = """\
 Evaluate a diffusers AutoencoderKL or VQModel on a folder or dataset of images.
@@ -51,12 +53,7 @@ def add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--sample", action="store_true",
                        help="KL models: decode a posterior sample (seeded per image) instead of the mean")
     model.add_argument("--seed", type=int, default=0, help="seed of --sample (default: 0)")
-    model.add_argument("--tiled", action="store_true",
-                       help="diffusers' tiled encode/decode (AutoencoderKL), for large images")
-    model.add_argument("--tile-size", type=int,
-                       help="tile size in pixels for --tiled (default: the model's sample_size)")
-    model.add_argument("--tile-overlap", type=float, default=0.25,
-                       help="fraction of a tile blended with its neighbour for --tiled (default: 0.25)")
+    add_tiling_arguments(model, "encode/decode")
     model.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
                        help="autocast dtype of the model (default: fp32; metrics are always fp32)")
     metrics = parser.add_argument_group("metrics")
