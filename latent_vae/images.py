@@ -85,6 +85,12 @@ def _read_errors():
 def _check_size(image: Image.Image) -> None:
     if image.width < 1 or image.height < 1:
         raise ImageReadError(f"empty image ({image.width}x{image.height})")
+    # Checked here as well as through PIL's warning: warning filters are process-global, so under
+    # the threads of a folder scan another thread may restore them while this one opens a file.
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and image.width * image.height > limit:
+        raise ImageReadError(f"refused: too many pixels (decompression bomb guard): {image.width}x{image.height} "
+                             f"= {image.width * image.height} pixels, over PIL.Image.MAX_IMAGE_PIXELS ({limit})")
 
 
 def load_image(source: ImageInput) -> Image.Image:

@@ -35,7 +35,7 @@ def _photo(size=(96, 80)) -> Image.Image:
     return Image.fromarray(np.clip(array, 0, 255).astype(np.uint8))
 
 
-def _png_header_only(width: int, height: int) -> bytes:
+def png_header_only(width: int, height: int) -> bytes:
     """A PNG that *declares* width x height (and holds no pixel data): a decompression bomb's header."""
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
@@ -86,9 +86,9 @@ def build_corpus(root: Path) -> Corpus:
     corpus.skipped_at_scan["zero_bytes.png"] = "not a recognised image"
     (root / "not_an_image.jpg").write_text("this is a text file with an image extension\n")
     corpus.skipped_at_scan["not_an_image.jpg"] = "not a recognised image"
-    (root / "bomb.png").write_bytes(_png_header_only(30_000, 30_000))  # 900 M pixels: over 2x PIL's limit
+    (root / "bomb.png").write_bytes(png_header_only(30_000, 30_000))  # 900 M pixels: over 2x PIL's limit
     corpus.skipped_at_scan["bomb.png"] = "decompression bomb"
-    (root / "bomb_warning.png").write_bytes(_png_header_only(10_000, 10_000))  # 100 M: over the limit itself
+    (root / "bomb_warning.png").write_bytes(png_header_only(10_000, 10_000))  # 100 M: over the limit itself
     corpus.skipped_at_scan["bomb_warning.png"] = "decompression bomb"
     os.symlink(root / "does-not-exist.png", root / "dangling_link.png")
     corpus.skipped_at_scan["dangling_link.png"] = "No such file"

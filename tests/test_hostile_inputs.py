@@ -1,14 +1,15 @@
 """The hostile-input corpus through every entry point: each file converted or skipped, counted exactly."""
 
 import json
+import warnings
 
 import numpy as np
 import pytest
 
 from conftest import fast_config
-from hostile import build_corpus
+from hostile import png_header_only, build_corpus
 from latent_vae.data import open_source
-from latent_vae.images import ImageReadError
+from latent_vae.images import ImageReadError, check_header, load_image
 from latent_vae.training import train
 
 
@@ -101,3 +102,16 @@ def test_ids_from_a_dataset_never_name_a_path_outside_the_output_directory(tmp_p
     name = preview_name(7, row_id)
     assert "/" not in name and not name.startswith(".")
     assert (tmp_path / name).resolve().parent == tmp_path.resolve()
+
+
+def test_a_bomb_is_refused_even_when_another_thread_reset_the_warning_filters(tmp_path, monkeypatch):
+    """Warning filters are process-global: during a threaded folder scan, one thread leaving
+    ``catch_warnings`` can undo another's "error" filter. The pixel limit must hold regardless."""
+    path = tmp_path / "bomb_warning.png"
+    path.write_bytes(png_header_only(10_000, 10_000))  # over PIL's limit, under twice it: PIL only warns
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        monkeypatch.setattr(warnings, "simplefilter", lambda *args, **kwargs: None)  # our filter, undone
+        for read in (check_header, load_image):
+            with pytest.raises(ImageReadError, match="decompression bomb"):
+                read(path)
