@@ -34,3 +34,11 @@ def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(tensor) for _ in range(n)]
     dist.all_gather(parts, tensor.contiguous())
     return torch.cat(parts, dim=0)
+
+
+def release_process_group() -> None:
+    """Leave the process group before the process exits. A rank that exits with it alive can be
+    aborted by the backend's threads at interpreter shutdown (``terminate called without an
+    active exception``), failing a run that had finished."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

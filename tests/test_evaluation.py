@@ -267,9 +267,11 @@ def test_pickled_inception_file_is_refused_without_running_it(tmp_path):
 
 DISTRIBUTED_SCRIPT = """
 import sys, torch
+from latent_vae.distributed import release_process_group
 sys.path.insert(0, {tests!r})
 from test_evaluation import distributed_run
 distributed_run(*sys.argv[1:4])
+release_process_group()
 """
 
 

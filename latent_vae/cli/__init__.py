@@ -79,3 +79,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print(f"latent-vae {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if "torch.distributed" in sys.modules:  # the command ran collectives: leave the group cleanly
+            from ..distributed import release_process_group
+
+            release_process_group()
