@@ -16,7 +16,7 @@ examples:
   latent-vae train
   latent-vae train --config configs/kl-f8.yaml --output-dir runs/kl-f8 \\
       data.path=/my/images data.resolution=256 train.batch_size=8
-  latent-vae train --output-dir runs/kl-f8 --resume latest train.max_steps=200000
+  latent-vae train --output-dir runs/kl-f8 --resume latest train.max_steps=400000
   accelerate launch -m latent_vae train --config configs/kl-f8.yaml --output-dir runs/kl-f8
 
 The run directory holds config.yaml (resolved recipe), checkpoints/, logs/ (TensorBoard),
