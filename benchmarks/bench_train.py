@@ -16,8 +16,11 @@ preset, resolution and batch size, on the same images in the same order:
   ``fast``: the recommended flags, ``--precision`` + cl + fused (+ compile with ``--compile``),
   e.g. ``fast+ckpt``. ``--precision`` defaults to bf16 on CUDA and on CPUs with native bf16.
 
-Timing: ``RunSummary.step_seconds`` (wall time per step, data loading included; the loop
-synchronises the device once per step), warm-up steps dropped, the median step of each run;
+Timing: the wall time of the measured steps ÷ their number (data loading included), from
+``RunSummary.step_seconds`` with warm-up steps dropped. The loop reads the device only at
+logging steps (with fused Adam; every step otherwise), so logging runs every
+gcd(warm-up, steps) steps: the warm-up's end and the run's end are synchronised, and the
+figure is exact whether or not the host runs ahead of the device;
 ``--repeats`` runs per variant, interleaved across variants so machine noise spreads evenly;
 the table gives the median over runs and the min–max range.
 
@@ -34,6 +37,7 @@ examples (see benchmarks/README.md for the recorded figures' commands):
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shutil
 import statistics
@@ -49,7 +53,7 @@ import torch
 from common import (PeakMemory, Stats, format_bytes, machine_description, markdown_table, practical_peak_tflops,
                     quiet_library_logs, spec_sheet_bf16_tflops)
 
-NEVER = 10**9  # a step interval that is never reached: no checkpoint, validation or logging mid-run
+NEVER = 10**9  # a step interval that is never reached: no checkpoint, validation or image grid mid-run
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 FLAG_OVERRIDES = {
@@ -148,7 +152,8 @@ def base_overrides(args, data_dir: Path, lpips_file: Path) -> List[str]:
         f"train.batch_size={args.batch_size}", f"train.max_steps={args.warmup + args.steps}",
         "train.ema_decay=0.999", f"train.checkpoint_every={NEVER}", f"train.val_every={NEVER}",
         "train.keep_checkpoints=1",
-        "logging.trackers=[]", f"logging.log_every={NEVER}", f"logging.image_every={NEVER}",
+        "logging.trackers=[]", f"logging.log_every={math.gcd(args.warmup, args.steps)}",
+        f"logging.image_every={NEVER}",
         "loss.disc_start=0", "loss.perceptual_weight=1.0", f"loss.perceptual_weights={lpips_file}",
         "export.scaling_images=0",
     ]
@@ -247,7 +252,7 @@ def training_batches(config, device: torch.device):
 
 
 def run_plain(config, device: torch.device, warmup: int) -> Tuple[float, int]:
-    """Median seconds per measured step of the plain baseline, and its peak memory."""
+    """Mean seconds per measured step of the plain baseline, and its peak memory."""
     seconds = []
     built = threading.Event()  # CPU memory is sampled from here on, as for train() (see run_loop)
     with PeakMemory(device, start_when=built.is_set) as memory:
@@ -260,11 +265,11 @@ def run_plain(config, device: torch.device, warmup: int) -> Tuple[float, int]:
             seconds.append(time.perf_counter() - start)
         batches.close()
         del baseline
-    return statistics.median(seconds[warmup:]), memory.peak
+    return statistics.mean(seconds[warmup:]), memory.peak
 
 
 def run_loop(config, device: torch.device, warmup: int, workdir: Path) -> Tuple[float, int]:
-    """Median seconds per measured step of one ``train()`` run, and its peak memory."""
+    """Mean seconds per measured step of one ``train()`` run, and its peak memory."""
     from latent_vae.training import reset_accelerate_state, train
 
     reset_accelerate_state()
@@ -275,7 +280,7 @@ def run_loop(config, device: torch.device, warmup: int, workdir: Path) -> Tuple[
                     stop_when=(output / "checkpoints").exists) as memory:
         summary = train(config, output)
     shutil.rmtree(output, ignore_errors=True)
-    return statistics.median(summary.step_seconds[warmup:]), memory.peak
+    return statistics.mean(summary.step_seconds[warmup:]), memory.peak
 
 
 def count_step_flops(overrides: List[str], workdir: Path) -> int:
@@ -425,7 +430,7 @@ def print_report(args, variants, flags, step_seconds, memory, flops, peaks, para
     print(f"- autoencoder parameters: {parameters:,}; data: {args.data or 'scikit-image sample photos'}, "
           f"{args.workers} DataLoader workers")
     print(f"- warm-up {args.warmup} + {args.steps} measured steps per run, {args.repeats} run(s) per variant "
-          "(interleaved); median (min–max) over runs of each run's median step")
+          "(interleaved); median (min–max) over runs of each run's mean step")
     for precision, (peak, how) in peaks.items():
         print(f"- practical {precision} peak measured in this run: {peak * 1e12 / scale:.3g} {unit} ({how}, "
               "best repetition)")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -21,24 +23,18 @@ class EMA(nn.Module):
         self.decay = decay
         self.shadow = copy.deepcopy(model).eval().requires_grad_(False)
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
-        self._count = None  # host copy of num_updates: reading the buffer each step would sync the GPU
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
-        self._count = None
-
-    def current_decay(self) -> float:
-        if self._count is None:
-            self._count = int(self.num_updates)
-        return min(self.decay, (1 + self._count) / (10 + self._count))
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        weight = 1.0 - self.current_decay()
+    def update(self, model: nn.Module, skip: Optional[torch.Tensor] = None) -> None:
+        """One update, computed on the device (no host synchronisation). ``skip`` (0 or 1, a
+        tensor): 1 leaves the average and its count unchanged, for a step that was skipped."""
+        count = self.num_updates.float()
+        decay = torch.clamp((1 + count) / (10 + count), max=self.decay)
+        keep = torch.ones_like(decay) if skip is None else 1 - skip.to(decay.dtype)
         shadow_params = [p for p in self.shadow.parameters() if p.dtype.is_floating_point]
         params = [p.detach() for p in model.parameters() if p.dtype.is_floating_point]
-        torch._foreach_lerp_(shadow_params, params, weight)
+        weight = (1 - decay) * keep  # a tensor per parameter: a Python-scalar weight would be read on the host
+        torch._foreach_lerp_(shadow_params, params, [weight] * len(shadow_params))
         for shadow_buffer, buffer in zip(self.shadow.buffers(), model.buffers()):
             shadow_buffer.copy_(buffer)
-        self.num_updates += 1
-        self._count += 1
+        self.num_updates += keep.long()

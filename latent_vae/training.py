@@ -162,8 +162,9 @@ class FailureLog:
 
 
 class StopRequest:
-    """SIGTERM/SIGINT (what SLURM sends before pre-emption) ask for a clean stop after the
-    current step; so does ``train.time_limit_minutes``."""
+    """SIGTERM/SIGINT (what SLURM sends before pre-emption) ask for a clean stop at the next
+    step whose flags the host reads (every step, or every logging step with fused Adam); so
+    does ``train.time_limit_minutes``."""
 
     def __init__(self, time_limit_minutes: Optional[float]):
         self.requested = False
@@ -394,7 +395,12 @@ def train(config: Config, output_dir: str | Path, resume: Optional[str] = None) 
     stop = StopRequest(cfg.train.time_limit_minutes)
     window = MetricWindow(device)
     collapse_monitor = CollapseMonitor()
-    consecutive_bad = 0
+    # Fused Adam skips a non-finite step on the device (``found_inf``), so the host need not wait
+    # for the step's verdict; other optimisers (and fp16's gradient scaler) need it every step.
+    skip_on_device = cfg.train.fused_optimizer and not scaler.is_enabled()
+    skipped_on_device = torch.full((), float(skipped_steps), device=device)
+    consecutive_on_device = torch.zeros((), device=device)
+    consecutive_bad, reported_skipped, stop_now = 0, skipped_steps, False
     val_metrics: Dict[str, float] = {}
     last_saved = step if checkpoint_path is not None else -1
     data = iter(loader)
@@ -436,34 +442,39 @@ def train(config: Config, output_dir: str | Path, resume: Optional[str] = None) 
                 window.add(logs)
                 window.add(out.regularizer.logs)
 
-            # Non-finite guard: one decision for both optimisers, shared by all processes.
+            # Non-finite guard: one decision for both optimisers and the EMA, shared by all processes.
             scaler.unscale_(opt_ae)
             if gan_active:
                 scaler.unscale_(opt_d)
             ae_norm = _grad_norm(ae_params)
             d_norm = _grad_norm(d_params) if gan_active else torch.zeros((), device=device)
             checked = torch.stack([*(v.float() for v in loss_values), ae_norm, d_norm])
-            flags = torch.stack([(~checked.isfinite().all()).float(),
-                                 torch.tensor(float(stop.local_flag()), device=device)])
-            bad, stop_now = (all_reduce_sum_(flags) > 0).tolist()
-            if not bad:
-                if cfg.train.max_grad_norm:
-                    torch.nn.utils.clip_grads_with_norm_(ae_params, cfg.train.max_grad_norm, ae_norm)
-                    if gan_active:
-                        torch.nn.utils.clip_grads_with_norm_(d_params, cfg.train.max_grad_norm, d_norm)
-                scaler.step(opt_ae)
-                sched_ae.step()
-                if gan_active:  # the discriminator's schedule counts its own steps from disc_start
-                    scaler.step(opt_d)
-                    sched_d.step()
-                if ema is not None:
-                    ema.update(model_core.vae)
-                consecutive_bad = 0
-            else:
-                skipped_steps += 1
-                consecutive_bad += 1
-                logger.warning("step %d: non-finite loss or gradient; step skipped for both optimisers "
-                               "(%d consecutive, %d in total)", step, consecutive_bad, skipped_steps)
+            flags = all_reduce_sum_(torch.stack([(~checked.isfinite().all()).float(),
+                                                 torch.full((), float(stop.local_flag()), device=device)]))
+            bad = (flags[0] > 0).float()
+            skipped_on_device += bad
+            consecutive_on_device = (consecutive_on_device + 1) * bad
+            # The host reads the verdict when it must (see skip_on_device), and at logging and
+            # checkpoint steps; otherwise this step runs without a host-device synchronisation.
+            upcoming = step + 1
+            verdict = None  # None: fused Adam decides on the device
+            if not skip_on_device or upcoming % cfg.logging.log_every == 0 or upcoming == cfg.train.max_steps \
+                    or upcoming % cfg.train.checkpoint_every == 0:
+                status = torch.stack([bad, (flags[1] > 0).float(), skipped_on_device, consecutive_on_device]).tolist()
+                stop_now, skipped_steps, consecutive_bad = bool(status[1]), int(status[2]), int(status[3])
+                if not skip_on_device:
+                    verdict = bool(status[0])
+            if cfg.train.max_grad_norm:
+                torch.nn.utils.clip_grads_with_norm_(ae_params, cfg.train.max_grad_norm, ae_norm)
+                if gan_active:
+                    torch.nn.utils.clip_grads_with_norm_(d_params, cfg.train.max_grad_norm, d_norm)
+            _optimizer_step(opt_ae, scaler, bad, verdict)
+            sched_ae.step()  # the schedules follow the step counter, skipped steps included
+            if gan_active:  # the discriminator's schedule counts its own steps from disc_start
+                _optimizer_step(opt_d, scaler, bad, verdict)
+                sched_d.step()
+            if ema is not None:
+                ema.update(model_core.vae, skip=bad)
             scaler.update()
             opt_ae.zero_grad(set_to_none=True)
             opt_d.zero_grad(set_to_none=True)
@@ -472,6 +483,11 @@ def train(config: Config, output_dir: str | Path, resume: Optional[str] = None) 
             step_seconds.append(time.perf_counter() - step_start)
             step_start = time.perf_counter()
 
+            if skipped_steps > reported_skipped:
+                logger.warning("step %d: non-finite loss or gradient; %d step(s) skipped since the last report, for "
+                               "both optimisers and the EMA (%d consecutive now, %d in total)", step - 1,
+                               skipped_steps - reported_skipped, consecutive_bad, skipped_steps)
+                reported_skipped = skipped_steps
             if consecutive_bad >= cfg.train.max_bad_steps:
                 # Skipped steps changed nothing, so these weights are those from before the first bad step.
                 save_checkpoint(step, skipped_steps)
@@ -566,6 +582,18 @@ def _no_sync(accelerator: Accelerator, models: List[nn.Module], sync: bool):
         for m in models:
             stack.enter_context(accelerator.no_sync(m))
     return stack
+
+
+def _optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, bad: torch.Tensor,
+                    verdict: Optional[bool]) -> None:
+    """Step unless the step is bad: on the device (fused Adam's ``found_inf``: the update, and its
+    step count, are skipped by the kernel) when ``verdict`` is None, else on the host."""
+    if verdict is None:
+        optimizer.found_inf = bad
+        optimizer.step()
+        del optimizer.found_inf
+    elif not verdict:
+        scaler.step(optimizer)
 
 
 def _grad_norm(params: List[torch.Tensor]) -> torch.Tensor:

@@ -157,6 +157,33 @@ def test_consecutive_non_finite_steps_stop_the_run_with_pre_failure_weights(tmp_
     assert "step 2: non-finite" in (tmp_path / "train.log").read_text()
 
 
+
+def test_fused_adam_skips_on_the_device_and_the_host_reads_the_verdict_only_at_log_steps(tmp_path, monkeypatch):
+    """With fused Adam the step needs no host-device synchronisation: the kernel skips a bad step
+    (found_inf) and the host learns of it at the next logging step. Steps 2-9 are bad, the limit
+    is 3, logging every 10: the host path would stop at step 5, this one stops at step 10, with
+    the weights and Adam's moments of step 2."""
+    poison(monkeypatch, seed=0, batch_size=2, positions=range(4, 10_000))  # every sample from step 2 on
+    after_each_step = []
+    original_step = torch.optim.Adam.step
+
+    def step(self, *args, **kwargs):
+        out = original_step(self, *args, **kwargs)
+        after_each_step.append([t.detach().clone() for p in self.param_groups[0]["params"]
+                                for t in (p, *self.state[p].values())])
+        return out
+
+    monkeypatch.setattr(torch.optim.Adam, "step", step)
+    with pytest.raises(TrainingError, match="8 consecutive non-finite steps"):
+        train(fast_config("train.max_steps=50", "train.max_bad_steps=3", "train.fused_optimizer=true",
+                          "logging.log_every=10", "train.checkpoint_every=100", *COMMON[4:6]), tmp_path)
+    assert len(after_each_step) == 10  # the optimiser ran every step: the kernel decided
+    good = after_each_step[1]
+    assert all(torch.equal(a, b) for later in after_each_step[2:] for a, b in zip(good, later))
+    assert ckpt.load_metadata(ckpt.list_checkpoints(tmp_path / "checkpoints")[-1])["skipped_steps"] == 8
+    log = (tmp_path / "train.log").read_text()
+    assert "step 9: non-finite loss or gradient; 8 step(s) skipped since the last report" in log
+
 NAN_CHILD = """
 import os, sys, torch
 sys.path.insert(0, {tests!r})
