@@ -82,6 +82,22 @@ def test_usage_perplexity_and_dead_codes():
     assert logs["dead_codes"].item() == 1.0 and logs["codebook_usage"].item() == 0.5
 
 
+
+def test_dead_code_restart_replaces_only_dead_codes_with_recent_encoder_outputs():
+    """e0 is never hit: after dead_after steps it is re-seeded from the buffer of recent encoder
+    outputs (here only (0.8, 0.6) and (0.7, 0.9)); e1, in use, is left alone."""
+    quantizer, embedding = two_code_quantizer(restart_dead=True, dead_after=2, reduction="mean")
+    quantizer.train()(one_token(), 0)
+    assert embedding.weight[0].tolist() == [0.0, 0.0]  # unused for 1 step: not dead yet
+    logs = quantizer(one_token((0.7, 0.9)), 1).logs
+    assert logs["restarted_codes"].item() == 1.0
+    filled = quantizer.recent[:int(quantizer.recent_filled)].tolist()  # the draws pick among these rows
+    assert filled == [pytest.approx([0.8, 0.6]), pytest.approx([0.7, 0.9])]
+    assert embedding.weight[0].tolist() in (pytest.approx([0.8, 0.6]), pytest.approx([0.7, 0.9]))
+    assert embedding.weight[1].tolist() == [1.0, 1.0]
+    assert quantizer.steps_unused.tolist() == [0, 0]
+
+
 def test_l2_normalised_codes_make_stock_lookup_equal_cosine_lookup():
     torch.manual_seed(0)
     codebook = nn.functional.normalize(torch.randn(512, 8), dim=1)

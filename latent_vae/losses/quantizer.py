@@ -80,6 +80,11 @@ class VectorQuantizerTrainer(nn.Module):
         if cfg.restart_dead:
             self.register_buffer("recent", torch.zeros(cfg.restart_buffer, dim))
             self.register_buffer("recent_filled", torch.zeros((), dtype=torch.long))
+        self._forwards = None  # host copy of num_forwards (it seeds the restart draws): read once, not every step
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._forwards = None
 
     def forward(self, h: torch.Tensor, step: int) -> RegularizerOutput:
         batch, dim, height, width = h.shape
@@ -122,6 +127,7 @@ class VectorQuantizerTrainer(nn.Module):
             self._ema_update(counts, all_reduce_sum_(sums))
         self.steps_unused.add_(1).masked_fill_(counts > 0, 0)
         self.num_forwards += 1
+        self._forwards = int(self.num_forwards) if self._forwards is None else self._forwards + 1
         restarted = torch.zeros((), device=z.device)
         if self.cfg.restart_dead:
             everyone = all_gather_cat(z)  # the global batch, in rank order
@@ -144,28 +150,37 @@ class VectorQuantizerTrainer(nn.Module):
     def _generator(self, step: int, stream: int) -> torch.Generator:
         from ..data import derive_seed
 
-        return torch.Generator().manual_seed(derive_seed(self.seed, 2, stream, step, int(self.num_forwards)))
+        return torch.Generator().manual_seed(derive_seed(self.seed, 2, stream, step, self._forwards))
 
     def _remember(self, z: torch.Tensor, step: int) -> None:
         """Keep a ring buffer of recent encoder outputs (a random subset of each global batch)."""
         capacity = self.recent.shape[0]
         take = min(len(z), max(1, capacity // 8))
-        rows = torch.randperm(len(z), generator=self._generator(step, 0))[:take].to(z.device)
-        start = int(self.num_forwards) * take % capacity
+        rows = _to_device(torch.randperm(len(z), generator=self._generator(step, 0))[:take], z.device)
+        start = (self._forwards - 1) * take % capacity  # the forwards before this one filled [0, start)
         slots = (torch.arange(take, device=z.device) + start) % capacity
         self.recent[slots] = z[rows]
         self.recent_filled.copy_(torch.clamp(self.recent_filled + take, max=capacity))
 
     def _restart_dead(self, step: int) -> torch.Tensor:
-        dead = torch.nonzero(self.steps_unused >= self.cfg.dead_after).flatten()
-        if len(dead) == 0 or int(self.recent_filled) == 0:
-            return torch.zeros((), device=self.steps_unused.device)
-        filled = int(self.recent_filled)
-        picks = torch.randint(filled, (len(dead),), generator=self._generator(step, 1)).to(dead.device)
+        """Re-initialise every dead code from a random recent encoder output. Written as masked
+        updates over the whole codebook, so the host never waits for the device to learn which
+        codes are dead; every rank draws the same numbers and holds the same buffer."""
+        dead = (self.steps_unused >= self.cfg.dead_after) & (self.recent_filled > 0)
+        draws = _to_device(torch.rand(len(dead), generator=self._generator(step, 1)), dead.device)
+        picks = torch.minimum((draws * self.recent_filled).long(), torch.clamp(self.recent_filled - 1, min=0))
         new_codes = self.recent[picks]
-        self.embedding.weight[dead] = new_codes.to(self.embedding.weight.dtype)
+        weight = self.embedding.weight
+        weight.copy_(torch.where(dead[:, None], new_codes.to(weight.dtype), weight))
         if self.cfg.ema_decay is not None:
-            self.ema_embed_sum[dead] = new_codes
-            self.ema_cluster_size[dead] = 1.0
-        self.steps_unused[dead] = 0
-        return torch.tensor(float(len(dead)), device=dead.device)
+            self.ema_embed_sum.copy_(torch.where(dead[:, None], new_codes, self.ema_embed_sum))
+            self.ema_cluster_size.masked_fill_(dead, 1.0)
+        self.steps_unused.masked_fill_(dead, 0)
+        return dead.sum().float()
+
+
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host-made random numbers to the device without waiting for it (pinned, asynchronous copy)."""
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
