@@ -5,8 +5,8 @@ Four runs of the ``tiny-vq`` recipe (configs/tiny-vq.yaml) with a larger codeboo
 on 64 px crops, identical except for the quantizer:
 
 - ``plain``: codebook learned by gradient (‖sg[z] − e‖² + β‖z − sg[e]‖²), no restart;
-- ``ema``: EMA codebook updates (``quantizer.ema_decay``), no restart;
-- ``restart``: gradient codebook, dead-code restart (``quantizer.restart_dead``);
+- ``ema``: EMA codebook updates (``regularizer.vq.ema_decay``), no restart;
+- ``restart``: gradient codebook, dead-code restart (``regularizer.vq.restart_dead``);
 - ``ema+restart``: both.
 
 Each run trains in chunks of ``--chunk`` steps, continuing with ``train(..., resume="auto")``
@@ -16,7 +16,7 @@ weight EMA is off so it holds the current weights) encodes a fixed set of held-o
 - usage: % of codes hit by the held-out tokens (``latent_vae.tokens.encode_to_indices``);
 - perplexity: exp(entropy of the held-out code histogram) (``codebook_statistics``); at most the
   number of codes, and at most the number of held-out tokens;
-- dead (train): codes the quantizer saw unused for ``quantizer.dead_after`` training steps;
+- dead (train): codes the quantizer saw unused for ``regularizer.vq.dead_after`` training steps;
 - val PSNR: the trainer's validation PSNR on the held-out images.
 
 Held-out images: with ``--data``, ``--val-images`` images of the folder chosen by the trainer's
@@ -39,16 +39,15 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
-
 from common import machine_description, markdown_table, quiet_library_logs
 
 NEVER = 10**9  # a step interval that is never reached
 
 VARIANTS = {
-    "plain": ["quantizer.ema_decay=null", "quantizer.restart_dead=false"],
-    "ema": ["quantizer.ema_decay={ema}", "quantizer.restart_dead=false"],
-    "restart": ["quantizer.ema_decay=null", "quantizer.restart_dead=true"],
-    "ema+restart": ["quantizer.ema_decay={ema}", "quantizer.restart_dead=true"],
+    "plain": ["regularizer.vq.ema_decay=null", "regularizer.vq.restart_dead=false"],
+    "ema": ["regularizer.vq.ema_decay={ema}", "regularizer.vq.restart_dead=false"],
+    "restart": ["regularizer.vq.ema_decay=null", "regularizer.vq.restart_dead=true"],
+    "ema+restart": ["regularizer.vq.ema_decay={ema}", "regularizer.vq.restart_dead=true"],
 }
 
 
@@ -60,14 +59,15 @@ def variant_overrides(args, name: str) -> List[str]:
         f"train.batch_size={args.batch_size}", "train.ema_decay=null", "train.keep_checkpoints=1",
         f"train.checkpoint_every={NEVER}", f"train.val_every={NEVER}",
         "logging.trackers=[]", f"logging.image_every={NEVER}", f"logging.log_every={NEVER}",
-        "loss.perceptual_weight=0", "export.scaling_images=0", f"quantizer.dead_after={args.dead_after}",
+        "reconstruction.perceptual_weight=0", "export.scaling_images=0", f"regularizer.vq.dead_after={args.dead_after}",
         *(o.format(ema=args.ema_decay) for o in VARIANTS[name]),
     ]
 
 
 def held_out_crops(config, crops_per_image: int) -> torch.Tensor:
     """Fixed random crops of the validation images the trainer holds out."""
-    from latent_vae.data import ValidationDataset, split_train_val
+    from latent_vae.data.datasets import ValidationDataset
+    from latent_vae.data.sources import split_train_val
 
     _, val_source, _ = split_train_val(config.data)
     dataset = ValidationDataset(val_source, config.data, crops=crops_per_image)
@@ -75,7 +75,7 @@ def held_out_crops(config, crops_per_image: int) -> torch.Tensor:
 
 
 def code_histogram(vq, crops: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-    from latent_vae.tokens import encode_to_indices
+    from latent_vae.models.stock import encode_to_indices
 
     vq.eval()
     ids = torch.cat([encode_to_indices(vq, part).flatten() for part in crops.split(batch_size)])
@@ -83,7 +83,7 @@ def code_histogram(vq, crops: torch.Tensor, batch_size: int = 64) -> torch.Tenso
 
 
 def health_row(vq, crops: torch.Tensor) -> Dict[str, float]:
-    from latent_vae.losses.quantizer import codebook_statistics
+    from latent_vae.losses.vq import codebook_statistics
 
     counts = code_histogram(vq, crops)
     stats = codebook_statistics(counts)
@@ -93,7 +93,7 @@ def health_row(vq, crops: torch.Tensor) -> Dict[str, float]:
 
 def dead_codes_in_training(run_dir: Path, dead_after: int) -> int:
     """Codes the quantizer has seen unused for ``dead_after`` steps, from the latest checkpoint."""
-    from latent_vae.checkpoint import list_checkpoints, load_tensors
+    from latent_vae.train.checkpoint import list_checkpoints, load_tensors
 
     weights = load_tensors(list_checkpoints(run_dir / "checkpoints")[-1] / "autoencoder.safetensors")
     return int((weights["regularizer.steps_unused"] >= dead_after).sum())
@@ -102,8 +102,9 @@ def dead_codes_in_training(run_dir: Path, dead_after: int) -> int:
 def train_variant(args, name: str, crops: torch.Tensor, workdir: Path) -> List[Dict[str, float]]:
     """Train one variant chunk by chunk; a row of codebook statistics after each chunk."""
     from latent_vae.config import load_config
-    from latent_vae.models import load_autoencoder
-    from latent_vae.training import reset_accelerate_state, train
+    from latent_vae.models.loading import load_autoencoder
+    from latent_vae.runtime import reset_accelerate_state
+    from latent_vae.train.loop import train
 
     run_dir = workdir / name.replace("+", "-")
     rows, trained_seconds = [], 0.0
@@ -132,9 +133,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--chunk", type=int, default=50, help="steps between measurements (default: 50)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per step (default: 8)")
     parser.add_argument("--dead-after", type=int, default=50,
-                        help="quantizer.dead_after: steps unused before a code counts as dead (default: 50, "
+                        help="regularizer.vq.dead_after: steps unused before a code counts as dead (default: 50, "
                              "as configs/tiny-vq.yaml)")
-    parser.add_argument("--ema-decay", type=float, default=0.99, help="quantizer.ema_decay of the EMA variants (default: 0.99)")
+    parser.add_argument("--ema-decay", type=float, default=0.99, help="regularizer.vq.ema_decay of the EMA variants (default: 0.99)")
     parser.add_argument("--val-images", type=int, default=8,
                         help="images of --data held out for evaluation (default: 8)")
     parser.add_argument("--eval-crops", type=int, default=32, help="64 px crops per held-out image (default: 32)")
@@ -156,7 +157,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not args.verbose:
         quiet_library_logs()
     from latent_vae.config import load_config
-    from latent_vae.models import build_autoencoder
+    from latent_vae.models.loading import build_autoencoder
 
     first = load_config("tiny-vq", variant_overrides(args, args.variants[0]))
     crops = held_out_crops(first, args.eval_crops)
@@ -178,8 +179,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"- data: {args.data or 'scikit-image sample photos'}; held out: {len(crops)} crops "
           f"({tokens} tokens, so at most {min(tokens, args.codes)} codes can be hit)")
     print(f"- recipe configs/tiny-vq.yaml: mean reduction, β = 0.25 on the commitment term, GAN from step "
-          f"{first.loss.disc_start}, no LPIPS (loss.perceptual_weight=0), no weight EMA; "
-          f"quantizer.dead_after={args.dead_after}, EMA variants quantizer.ema_decay={args.ema_decay}")
+          f"{first.gan.start}, no LPIPS (reconstruction.perceptual_weight=0), no weight EMA; "
+          f"regularizer.vq.dead_after={args.dead_after}, EMA variants regularizer.vq.ema_decay={args.ema_decay}")
     print()
     rows = [["(all)", 0, f"{initial['usage']:.1f}", f"{initial['perplexity']:.1f}", initial["unused"], "–", "–"]]
     for name, chunks in results.items():

@@ -39,14 +39,17 @@ from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import torch
+from common import PeakMemory, Stats, format_bytes, machine_description, markdown_table, synchronize
 from PIL import Image
 
-from common import PeakMemory, Stats, format_bytes, machine_description, markdown_table, synchronize
-from latent_vae.data import open_source
-from latent_vae.encoding import (configure_tiling, decode_images, encode_dataset, latent_to_tensor,
-                                 load_latent_dataset, resolve_precision)
-from latent_vae.metrics import psnr_per_image
-from latent_vae.models import PRESETS, downsample_factor, latent_channels, load_autoencoder
+from latent_vae.data.sources import open_source
+from latent_vae.encode.pipeline import decode_images, encode_dataset, latent_to_tensor, load_latent_dataset
+from latent_vae.evaluate.metrics import psnr_per_image
+from latent_vae.models.loading import load_autoencoder
+from latent_vae.models.stock import downsample_factor, latent_channels
+from latent_vae.models.tiling import configure_tiling
+from latent_vae.presets import PRESETS
+from latent_vae.runtime import resolve_precision
 
 
 def generated_images(folder: Path, count: int) -> Path:

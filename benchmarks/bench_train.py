@@ -1,7 +1,7 @@
 """Training-step throughput: the project's training loop against a plain baseline, same process.
 
 Every variant runs full training steps — generator (autoencoder) and discriminator updates from
-step 0 (``loss.disc_start=0``), LPIPS-VGG, adaptive GAN weight, EMA of the weights — for one
+step 0 (``gan.start=0``), LPIPS-VGG, adaptive GAN weight, EMA of the weights — for one
 preset, resolution and batch size, on the same images in the same order:
 
 - ``plain``: what the common example scripts do (taming-transformers under Lightning, diffusers'
@@ -49,9 +49,16 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import torch
-
-from common import (PeakMemory, Stats, format_bytes, machine_description, markdown_table, practical_peak_tflops,
-                    quiet_library_logs, spec_sheet_bf16_tflops)
+from common import (
+    PeakMemory,
+    Stats,
+    format_bytes,
+    machine_description,
+    markdown_table,
+    practical_peak_tflops,
+    quiet_library_logs,
+    spec_sheet_bf16_tflops,
+)
 
 NEVER = 10**9  # a step interval that is never reached: no checkpoint, validation or image grid mid-run
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -135,7 +142,8 @@ def random_vgg16_weights(folder: Path) -> Path:
 def prepare_sample_photos(folder: Path, size: int) -> Path:
     """The photographs bundled with scikit-image, shorter side resized to the crop size, so
     decoding them stays a small part of a step."""
-    from latent_vae.data import resize_shorter_side, sample_photo_sources
+    from latent_vae.data.sources import sample_photo_sources
+    from latent_vae.data.transforms import resize_shorter_side
 
     folder.mkdir(parents=True, exist_ok=True)
     source, _ = sample_photo_sources()
@@ -154,7 +162,7 @@ def base_overrides(args, data_dir: Path, lpips_file: Path) -> List[str]:
         "train.keep_checkpoints=1",
         "logging.trackers=[]", f"logging.log_every={math.gcd(args.warmup, args.steps)}",
         f"logging.image_every={NEVER}",
-        "loss.disc_start=0", "loss.perceptual_weight=1.0", f"loss.perceptual_weights={lpips_file}",
+        "gan.start=0", "reconstruction.perceptual_weight=1.0", f"reconstruction.perceptual_weights={lpips_file}",
         "export.scaling_images=0",
     ]
 
@@ -173,15 +181,16 @@ class PlainBaseline:
 
     def __init__(self, config, device: torch.device):
         from latent_vae.losses import PatchDiscriminator, build_lpips
-        from latent_vae.models import build_autoencoder, is_vq
-        from latent_vae.training import effective_learning_rate
+        from latent_vae.models.loading import build_autoencoder
+        from latent_vae.models.stock import is_vq
+        from latent_vae.train.loop import effective_learning_rate
 
         torch.manual_seed(config.train.seed)
-        self.cfg = config.loss
+        self.rec, self.gan, self.reg = config.reconstruction, config.gan, config.regularizer
         self.vae = build_autoencoder(config.model).to(device).train()
         self.is_vq = is_vq(self.vae)
-        self.disc = PatchDiscriminator(3, self.cfg.disc_channels, self.cfg.disc_layers, self.cfg.disc_norm).to(device)
-        self.lpips = build_lpips(self.cfg.perceptual_net, self.cfg.perceptual_weights).to(device)
+        self.disc = PatchDiscriminator(3, self.gan.channels, self.gan.layers, self.gan.norm).to(device)
+        self.lpips = build_lpips(self.rec.perceptual_net, self.rec.perceptual_weights).to(device)
         lr, betas = effective_learning_rate(config, 1), tuple(config.train.adam_betas)
         self.opt_ae = torch.optim.Adam(self.vae.parameters(), lr=lr, betas=betas)
         self.opt_d = torch.optim.Adam(self.disc.parameters(), lr=lr * config.train.disc_lr_ratio, betas=betas)
@@ -192,10 +201,10 @@ class PlainBaseline:
         """Reconstructions and the weighted regulariser (KL, or diffusers' codebook loss)."""
         if self.is_vq:
             quantized, codebook_loss, _ = self.vae.quantize(self.vae.encode(images).latents)
-            return self.vae.decode(quantized, force_not_quantize=True).sample, self.cfg.codebook_weight * codebook_loss
+            return self.vae.decode(quantized, force_not_quantize=True).sample, self.reg.vq.weight * codebook_loss
         posterior = self.vae.encode(images).latent_dist
         reconstructions = self.vae.decode(posterior.sample()).sample
-        return reconstructions, self.cfg.kl_weight * posterior.kl().mean()
+        return reconstructions, self.reg.kl.weight * posterior.kl().mean()
 
     def step(self, images: torch.Tensor) -> Dict[str, float]:
         from latent_vae.losses import discriminator_loss, generator_loss
@@ -203,15 +212,15 @@ class PlainBaseline:
         # generator step (discriminator frozen)
         self.disc.requires_grad_(False)
         reconstructions, regularizer = self.autoencode(images)
-        rec = (images - reconstructions).abs() + self.cfg.perceptual_weight * self.lpips(images, reconstructions)
+        rec = (images - reconstructions).abs() + self.rec.perceptual_weight * self.lpips(images, reconstructions)
         nll = rec.sum() / images.shape[0]
-        g_loss = generator_loss(self.cfg.disc_loss, self.disc(reconstructions))
+        g_loss = generator_loss(self.gan.loss, self.disc(reconstructions))
         # λ as taming computes it: each loss back-propagated separately (through LPIPS and D) to the last layer
         last_layer = self.vae.decoder.conv_out.weight
         nll_grad = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]
         g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
-        weight = self.cfg.disc_weight * torch.clamp(nll_grad.norm() / (g_grad.norm() + 1e-4), 0.0,
-                                                    self.cfg.adaptive_weight_max).detach()
+        weight = self.gan.weight * torch.clamp(nll_grad.norm() / (g_grad.norm() + 1e-4), 0.0,
+                                                    self.gan.adaptive_weight_max).detach()
         loss = nll + regularizer + weight * g_loss
         self.opt_ae.zero_grad()
         loss.backward()
@@ -224,7 +233,7 @@ class PlainBaseline:
         self.vae.requires_grad_(False)
         reconstructions, _ = self.autoencode(images)
         lpips_again = self.lpips(images, reconstructions)
-        d_loss = discriminator_loss(self.cfg.disc_loss, self.disc(images), self.disc(reconstructions))
+        d_loss = discriminator_loss(self.gan.loss, self.disc(images), self.disc(reconstructions))
         self.opt_d.zero_grad()
         d_loss.backward()
         self.opt_d.step()
@@ -235,7 +244,8 @@ class PlainBaseline:
 
 def training_batches(config, device: torch.device):
     """The batches ``train()`` sees, in the same order (same dataset, sampler and seed)."""
-    from latent_vae.data import TrainBatchSampler, TrainDataset, collate, split_train_val
+    from latent_vae.data.datasets import TrainBatchSampler, TrainDataset, collate
+    from latent_vae.data.sources import split_train_val
 
     source, _, _ = split_train_val(config.data)
     dataset = TrainDataset(source, config.data)
@@ -270,7 +280,8 @@ def run_plain(config, device: torch.device, warmup: int) -> Tuple[float, int]:
 
 def run_loop(config, device: torch.device, warmup: int, workdir: Path) -> Tuple[float, int]:
     """Mean seconds per measured step of one ``train()`` run, and its peak memory."""
-    from latent_vae.training import reset_accelerate_state, train
+    from latent_vae.runtime import reset_accelerate_state
+    from latent_vae.train.loop import train
 
     reset_accelerate_state()
     output = Path(tempfile.mkdtemp(dir=workdir))
@@ -289,7 +300,8 @@ def count_step_flops(overrides: List[str], workdir: Path) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
     from latent_vae.config import load_config
-    from latent_vae.training import reset_accelerate_state, train
+    from latent_vae.runtime import reset_accelerate_state
+    from latent_vae.train.loop import train
 
     totals = []
     for steps in (1, 2):
@@ -353,7 +365,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not args.verbose:
         quiet_library_logs()
     from latent_vae.config import load_config
-    from latent_vae.models import PRESETS, count_parameters, build_autoencoder
+    from latent_vae.models.loading import build_autoencoder
+    from latent_vae.models.stock import count_parameters
+    from latent_vae.presets import PRESETS
 
     if args.preset not in PRESETS:
         raise SystemExit(f"error: unknown preset '{args.preset}' (available: {', '.join(PRESETS)})")

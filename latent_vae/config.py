@@ -18,22 +18,8 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-
-class ConfigError(ValueError):
-    """A bad configuration; the message names the offending key and how to fix it."""
-
-
-def _check_choice(section: str, name: str, value: Any, choices: tuple) -> None:
-    if value not in choices:
-        raise ConfigError(
-            f"{section}.{name}={value!r} is not valid; use one of: {', '.join(map(str, choices))}"
-        )
-
-
-def _check_positive(section: str, name: str, value: float, allow_zero: bool = False) -> None:
-    if value < 0 or (value == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ConfigError(f"{section}.{name}={value!r} must be {bound}")
+from .errors import ConfigError, check_choice, check_positive
+from .presets import REGULARIZER_KINDS, check_preset, preset_kind
 
 
 @dataclass
@@ -46,10 +32,8 @@ class ModelConfig:
     gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
-        _check_choice("model", "trainable", self.trainable, ("all", "decoder"))
+        check_choice("model.trainable", self.trainable, ("all", "decoder"))
         if not self.pretrained:
-            from .models import check_preset  # lazy: models imports this module
-
             check_preset(self.preset)
 
 
@@ -72,17 +56,23 @@ class DataConfig:
     verify: bool = True
 
     def __post_init__(self) -> None:
-        _check_choice("data", "crop", self.crop, ("random", "center"))
-        _check_positive("data", "resolution", self.resolution)
-        _check_positive("data", "val_images", self.val_images, allow_zero=True)
-        _check_positive("data", "val_crops", self.val_crops)
-        _check_positive("data", "num_workers", self.num_workers, allow_zero=True)
+        check_choice("data.crop", self.crop, ("random", "center"))
+        check_positive("data.resolution", self.resolution)
+        check_positive("data.val_images", self.val_images, allow_zero=True)
+        check_positive("data.val_crops", self.val_crops)
+        check_positive("data.num_workers", self.num_workers, allow_zero=True)
         if self.resolution % 8:
             raise ConfigError(f"data.resolution={self.resolution} must be a multiple of 8")
 
 
 @dataclass
-class LossConfig:
+class ReconstructionConfig:
+    """Pixel and perceptual reconstruction terms and the NLL log-variance (``losses/reconstruction.py``).
+
+    ``reduction`` is the convention of every term of the objective, regulariser included:
+    ``sum`` over C·H·W then the batch mean (latent-diffusion), ``mean`` over all elements (taming).
+    """
+
     pixel_loss: str = "l1"
     pixel_weight: float = 1.0
     perceptual_weight: float = 1.0
@@ -92,52 +82,68 @@ class LossConfig:
     reduction: str = "sum"
     learn_logvar: bool = False
     logvar_init: float = 0.0
-    kl_weight: float = 1.0e-6
-    kl_schedule: str = "constant"
-    kl_warmup_steps: int = 0
-    kl_cycle_steps: int = 10000
-    kl_cycle_ratio: float = 0.5
-    free_bits: float = 0.0
-    codebook_weight: float = 1.0
-    commitment_beta: float = 0.25
-    legacy_beta: bool = False
-    disc_weight: float = 0.5
-    disc_start: int = 400
-    disc_loss: str = "hinge"
-    disc_layers: int = 3
-    disc_channels: int = 64
-    disc_norm: str = "group"
+
+    def __post_init__(self) -> None:
+        check_choice("reconstruction.pixel_loss", self.pixel_loss, ("l1", "l2"))
+        check_choice("reconstruction.perceptual_net", self.perceptual_net, ("vgg", "alex"))
+        check_choice("reconstruction.perceptual_if_unavailable", self.perceptual_if_unavailable, ("error", "disable"))
+        check_choice("reconstruction.reduction", self.reduction, ("sum", "mean"))
+        for name in ("pixel_weight", "perceptual_weight"):
+            check_positive(f"reconstruction.{name}", getattr(self, name), allow_zero=True)
+
+
+@dataclass
+class GANConfig:
+    """The PatchGAN discriminator and the adversarial terms (``losses/gan.py``)."""
+
+    start: int = 400
+    weight: float = 0.5
+    loss: str = "hinge"
+    layers: int = 3
+    channels: int = 64
+    norm: str = "group"
     adaptive_weight: bool = True
     adaptive_weight_max: float = 1.0e4
     lecam_weight: float = 0.0
     lecam_decay: float = 0.99
 
     def __post_init__(self) -> None:
-        _check_choice("loss", "pixel_loss", self.pixel_loss, ("l1", "l2"))
-        _check_choice("loss", "perceptual_net", self.perceptual_net, ("vgg", "alex"))
-        _check_choice(
-            "loss", "perceptual_if_unavailable", self.perceptual_if_unavailable, ("error", "disable")
-        )
-        _check_choice("loss", "reduction", self.reduction, ("sum", "mean"))
-        _check_choice("loss", "kl_schedule", self.kl_schedule, ("constant", "linear", "cyclical"))
-        _check_positive("loss", "kl_cycle_steps", self.kl_cycle_steps)
-        if not 0.0 < self.kl_cycle_ratio <= 1.0:
-            raise ConfigError(f"loss.kl_cycle_ratio={self.kl_cycle_ratio} must be in (0, 1]")
-        if self.kl_schedule == "linear" and self.kl_warmup_steps <= 0:
-            raise ConfigError("loss.kl_schedule=linear needs loss.kl_warmup_steps > 0")
-        _check_choice("loss", "disc_loss", self.disc_loss, ("hinge", "vanilla"))
-        _check_choice("loss", "disc_norm", self.disc_norm, ("group", "sync_batch", "none"))
-        for name in ("pixel_weight", "perceptual_weight", "kl_weight", "codebook_weight",
-                     "commitment_beta", "disc_weight", "lecam_weight", "disc_start", "free_bits",
-                     "kl_warmup_steps"):
-            _check_positive("loss", name, getattr(self, name), allow_zero=True)
-        _check_positive("loss", "disc_layers", self.disc_layers)
+        check_choice("gan.loss", self.loss, ("hinge", "vanilla"))
+        check_choice("gan.norm", self.norm, ("group", "sync_batch", "none"))
+        for name in ("start", "weight", "lecam_weight"):
+            check_positive(f"gan.{name}", getattr(self, name), allow_zero=True)
+        check_positive("gan.layers", self.layers)
 
 
 @dataclass
-class QuantizerConfig:
-    """Codebook maintenance for VQ presets (ignored by KL models)."""
+class KLConfig:
+    """KL(q(z|x) ‖ N(0, I)) of an AutoencoderKL (``losses/kl.py``)."""
 
+    weight: float = 1.0e-6
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    cycle_steps: int = 10000
+    cycle_ratio: float = 0.5
+    free_bits: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_choice("regularizer.kl.schedule", self.schedule, ("constant", "linear", "cyclical"))
+        check_positive("regularizer.kl.cycle_steps", self.cycle_steps)
+        if not 0.0 < self.cycle_ratio <= 1.0:
+            raise ConfigError(f"regularizer.kl.cycle_ratio={self.cycle_ratio} must be in (0, 1]")
+        if self.schedule == "linear" and self.warmup_steps <= 0:
+            raise ConfigError("regularizer.kl.schedule=linear needs regularizer.kl.warmup_steps > 0")
+        for name in ("weight", "free_bits", "warmup_steps"):
+            check_positive(f"regularizer.kl.{name}", getattr(self, name), allow_zero=True)
+
+
+@dataclass
+class VQConfig:
+    """Codebook loss and codebook maintenance of a VQModel (``losses/vq.py``)."""
+
+    weight: float = 1.0
+    beta: float = 0.25
+    legacy_beta: bool = False
     ema_decay: Optional[float] = None
     ema_epsilon: float = 1.0e-5
     dead_after: int = 1000
@@ -146,11 +152,26 @@ class QuantizerConfig:
     l2_normalize: bool = False
 
     def __post_init__(self) -> None:
+        for name in ("weight", "beta"):
+            check_positive(f"regularizer.vq.{name}", getattr(self, name), allow_zero=True)
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
-            raise ConfigError(f"quantizer.ema_decay={self.ema_decay} must be in (0, 1) or null")
-        _check_positive("quantizer", "dead_after", self.dead_after)
-        _check_positive("quantizer", "restart_buffer", self.restart_buffer)
-        _check_positive("quantizer", "ema_epsilon", self.ema_epsilon)
+            raise ConfigError(f"regularizer.vq.ema_decay={self.ema_decay} must be in (0, 1) or null")
+        check_positive("regularizer.vq.dead_after", self.dead_after)
+        check_positive("regularizer.vq.restart_buffer", self.restart_buffer)
+        check_positive("regularizer.vq.ema_epsilon", self.ema_epsilon)
+
+
+@dataclass
+class RegularizerConfig:
+    """What shapes the latent space: ``kind`` kl (an AutoencoderKL) or vq (a VQModel), and its settings.
+    Only the section of ``kind`` is used; the kind must match the model's class."""
+
+    kind: str = "kl"
+    kl: KLConfig = field(default_factory=KLConfig)
+    vq: VQConfig = field(default_factory=VQConfig)
+
+    def __post_init__(self) -> None:
+        check_choice("regularizer.kind", self.kind, REGULARIZER_KINDS)
 
 
 @dataclass
@@ -182,18 +203,20 @@ class TrainConfig:
     allow_tf32: bool = True
 
     def __post_init__(self) -> None:
-        _check_choice("train", "lr_scaling", self.lr_scaling, ("linear", "none"))
-        _check_choice("train", "lr_schedule", self.lr_schedule, ("constant", "cosine", "linear"))
-        _check_choice("train", "mixed_precision", self.mixed_precision, ("no", "fp16", "bf16"))
+        check_choice("train.lr_scaling", self.lr_scaling, ("linear", "none"))
+        check_choice("train.lr_schedule", self.lr_schedule, ("constant", "cosine", "linear"))
+        check_choice("train.mixed_precision", self.mixed_precision, ("no", "fp16", "bf16"))
         for name in ("max_steps", "batch_size", "grad_accum_steps", "learning_rate",
                      "checkpoint_every", "keep_checkpoints", "val_every", "max_bad_steps"):
-            _check_positive("train", name, getattr(self, name))
+            check_positive(f"train.{name}", getattr(self, name))
+        for name in ("disc_lr_ratio", "weight_decay", "lr_warmup_steps", "seed"):
+            check_positive(f"train.{name}", getattr(self, name), allow_zero=True)
         if len(self.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in self.adam_betas):
             raise ConfigError(f"train.adam_betas={self.adam_betas} must be two numbers in [0, 1)")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ConfigError(f"train.ema_decay={self.ema_decay} must be in (0, 1) or null")
         if self.max_grad_norm is not None:
-            _check_positive("train", "max_grad_norm", self.max_grad_norm)
+            check_positive("train.max_grad_norm", self.max_grad_norm)
 
 
 @dataclass
@@ -205,9 +228,9 @@ class LoggingConfig:
 
     def __post_init__(self) -> None:
         for tracker in self.trackers:
-            _check_choice("logging", "trackers", tracker, ("tensorboard", "wandb"))
-        _check_positive("logging", "log_every", self.log_every)
-        _check_positive("logging", "image_every", self.image_every)
+            check_choice("logging.trackers", tracker, ("tensorboard", "wandb"))
+        check_positive("logging.log_every", self.log_every)
+        check_positive("logging.image_every", self.image_every)
 
 
 @dataclass
@@ -217,19 +240,48 @@ class ExportConfig:
 
     def __post_init__(self) -> None:
         if self.scaling_factor is not None:
-            _check_positive("export", "scaling_factor", self.scaling_factor)
-        _check_positive("export", "scaling_images", self.scaling_images, allow_zero=True)
+            check_positive("export.scaling_factor", self.scaling_factor)
+        check_positive("export.scaling_images", self.scaling_images, allow_zero=True)
 
 
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
+    reconstruction: ReconstructionConfig = field(default_factory=ReconstructionConfig)
+    gan: GANConfig = field(default_factory=GANConfig)
+    regularizer: RegularizerConfig = field(default_factory=RegularizerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+
+    def __post_init__(self) -> None:
+        if not self.model.pretrained:  # a pretrained model's class is checked when it is loaded
+            check_regularizer_kind(self.regularizer.kind, preset_kind(self.model.preset), f"model.preset={self.model.preset}")
+
+
+def check_regularizer_kind(configured: str, model_kind: str, what: str) -> None:
+    """KL vs VQ is explicit: ``regularizer.kind`` must name the model's own regulariser."""
+    if configured != model_kind:
+        raise ConfigError(f"{what} is a {model_kind.upper()} model but "
+                          f"regularizer.kind={configured}; set regularizer.kind={model_kind}")
+
+
+# Keys of the flat ``loss:``/``quantizer:`` sections before the sections mirrored the loss classes.
+MOVED_KEYS = {
+    **{f"loss.{k}": f"reconstruction.{k}" for k in (
+        "pixel_loss", "pixel_weight", "perceptual_weight", "perceptual_net", "perceptual_weights",
+        "perceptual_if_unavailable", "reduction", "learn_logvar", "logvar_init")},
+    **{f"loss.disc_{k}": f"gan.{k}" for k in ("weight", "start", "loss", "layers", "channels", "norm")},
+    **{f"loss.{k}": f"gan.{k}" for k in ("adaptive_weight", "adaptive_weight_max", "lecam_weight", "lecam_decay")},
+    "loss.kl_weight": "regularizer.kl.weight", "loss.kl_schedule": "regularizer.kl.schedule",
+    "loss.kl_warmup_steps": "regularizer.kl.warmup_steps", "loss.kl_cycle_steps": "regularizer.kl.cycle_steps",
+    "loss.kl_cycle_ratio": "regularizer.kl.cycle_ratio", "loss.free_bits": "regularizer.kl.free_bits",
+    "loss.codebook_weight": "regularizer.vq.weight", "loss.commitment_beta": "regularizer.vq.beta",
+    "loss.legacy_beta": "regularizer.vq.legacy_beta",
+    **{f"quantizer.{k}": f"regularizer.vq.{k}" for k in (
+        "ema_decay", "ema_epsilon", "dead_after", "restart_dead", "restart_buffer", "l2_normalize")},
+}
 
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -268,6 +320,9 @@ def _check_keys(tree: dict, source: str) -> None:
     for dotted in _flatten(tree):
         if dotted in VALID_KEYS:
             continue
+        if dotted in MOVED_KEYS:
+            raise ConfigError(f"config key '{dotted}' in {source} has moved: use '{MOVED_KEYS[dotted]}' "
+                              "(see README.md 'Configuration reference')")
         if any(dotted.startswith(k + ".") and free for k, free in VALID_KEYS.items()):
             continue
         close = difflib.get_close_matches(dotted, VALID_KEYS.keys(), n=1, cutoff=0.5)

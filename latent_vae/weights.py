@@ -13,14 +13,10 @@ from typing import Dict, Optional, Tuple, Type
 import torch
 from safetensors import safe_open
 
-from .checkpoint import CheckpointError
+from .errors import UnreadableWeights
 
 # A blocked network should fail in seconds, not after the OS's minutes-long connect timeout.
 DOWNLOAD_TIMEOUT_S = 20
-
-
-class UnreadableWeights(CheckpointError):
-    """A weights file that is missing, corrupt, or holds more than tensors (refused)."""
 
 
 def read_weights(path: str | Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:

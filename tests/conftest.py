@@ -21,14 +21,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # a 100-step tiny run took 10 s with one thread, 295 s with two on a loaded machine).
 torch.set_num_threads(1)
 
-from latent_vae.config import load_config  # noqa: E402
-from latent_vae.training import reset_accelerate_state as reset_accelerate  # noqa: E402, F401
+from latent_vae.config import load_config
+from latent_vae.runtime import reset_accelerate_state as reset_accelerate
 
 # Fast settings for loop-mechanics tests: 32 px crops, no workers, no trackers, no LPIPS.
 FAST = [
     "data.resolution=32", "data.resize=48", "data.num_workers=0", "data.val_images=0",
     "train.batch_size=2", "train.max_steps=4", "train.checkpoint_every=1000", "train.val_every=1000",
-    "logging.trackers=[]", "logging.image_every=1000", "loss.perceptual_weight=0",
+    "logging.trackers=[]", "logging.image_every=1000", "reconstruction.perceptual_weight=0",
     "export.scaling_images=4",
 ]
 
@@ -50,7 +50,7 @@ def _reset_accelerate_state():
 
 def write_photo_crops(folder: Path, count: int = 6, size: int = 64) -> list:
     """Real photographs (scikit-image's bundled samples) cut into small PNG files."""
-    from latent_vae.data import sample_photo_sources
+    from latent_vae.data.sources import sample_photo_sources
 
     folder.mkdir(parents=True, exist_ok=True)
     source, _ = sample_photo_sources()

@@ -5,8 +5,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import FAST
+
 from latent_vae.cli import build_parser, main
 
 ROOT = Path(__file__).resolve().parent.parent

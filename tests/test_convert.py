@@ -6,14 +6,14 @@ import os
 
 import pytest
 import torch
+from conftest import run_python
 from diffusers import AutoencoderKL, VQModel
 from safetensors.torch import load_file, save_file
 
-from conftest import run_python
 from latent_vae.cli import main
-from latent_vae.convert import (ConversionError, export_single_file, import_single_file, infer_config,
-                                to_original_state_dict)
-from latent_vae.models import PRESETS, _blocks
+from latent_vae.errors import ConversionError
+from latent_vae.interop.single_file import export_single_file, import_single_file, infer_config, to_original_state_dict
+from latent_vae.presets import PRESETS, _blocks
 
 
 def randomized(model):

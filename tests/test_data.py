@@ -9,9 +9,10 @@ import torch
 from PIL import Image
 
 from latent_vae.config import DataConfig
-from latent_vae.data import (DataError, TrainBatchSampler, TrainDataset, collate, list_image_files,
-                             open_source, sample_photo_sources, split_train_val)
-from latent_vae.images import ImageReadError, load_image
+from latent_vae.data.datasets import TrainBatchSampler, TrainDataset, collate
+from latent_vae.data.images import load_image
+from latent_vae.data.sources import list_image_files, open_source, sample_photo_sources, split_train_val
+from latent_vae.errors import DataError, ImageReadError
 
 
 def save(image: Image.Image, path, **kwargs):

@@ -8,12 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-
 SCRIPT = """
 import os, sys, torch
 sys.path.insert(0, {tests!r})
 from conftest import fast_config
-from latent_vae.training import train
+from latent_vae.train.loop import train
 
 records = []
 
@@ -31,7 +30,7 @@ train(fast_config(f"train.batch_size={{batch}}", *sys.argv[3:]), out)
 torch.save(records, os.path.join(out, f"records-{{os.environ.get('RANK', '0')}}.pt"))
 """
 
-OVERRIDES = ["train.max_steps=2", "loss.disc_start=0", "loss.lecam_weight=0.1", "loss.kl_weight=1e-3"]
+OVERRIDES = ["train.max_steps=2", "gan.start=0", "gan.lecam_weight=0.1", "regularizer.kl.weight=1e-3"]
 
 
 def launch(tmp_path: Path, nproc: int, batch: int, *extra: str) -> list:

@@ -25,19 +25,30 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from conftest import run_python, write_photo_crops
 from diffusers import AutoencoderKL, VQModel
 from PIL import Image
 
-from conftest import run_python, write_photo_crops
 from latent_vae.cli import build_parser, main
-from latent_vae.config import ConfigError
-from latent_vae.data import crop_image, derive_seed, load_image, sample_photo_sources, to_tensor
-from latent_vae.encoding import (EncodeOptions, LatentEncoder, Preprocessing, bucket_sizes, configure_tiling,
-                                 decode_latents, encode_dataset, latent_to_tensor, load_latent_dataset)
-from latent_vae.export import save_diffusers_model
-from latent_vae.latent_stats import latent_statistics
-from latent_vae.metrics import psnr_per_image
-from latent_vae.models import PRESETS
+from latent_vae.errors import ConfigError
+from latent_vae.data.sources import load_image, sample_photo_sources
+from latent_vae.data.transforms import crop_image, to_tensor
+from latent_vae.encode.pipeline import (
+    EncodeOptions,
+    LatentEncoder,
+    Preprocessing,
+    bucket_sizes,
+    decode_latents,
+    encode_dataset,
+    latent_to_tensor,
+    load_latent_dataset,
+)
+from latent_vae.encode.stats import latent_statistics
+from latent_vae.evaluate.metrics import psnr_per_image
+from latent_vae.interop.export import save_diffusers_model
+from latent_vae.models.tiling import configure_tiling
+from latent_vae.presets import PRESETS
+from latent_vae.seeding import derive_seed
 
 ROOT = Path(__file__).resolve().parent.parent
 ATOL = 1e-5
@@ -226,8 +237,8 @@ def test_unreadable_inputs_are_listed_and_the_rest_encoded(tmp_path, kl_dir, pho
 KILLABLE_ENCODE = """
 import sys, time, torch
 torch.set_num_threads(1)
-from latent_vae.encoding import encode_dataset
-from latent_vae.models import load_autoencoder
+from latent_vae.encode.pipeline import encode_dataset
+from latent_vae.models.loading import load_autoencoder
 model, data, out, delay = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
 vae = load_autoencoder(model)
 vae.encoder.register_forward_pre_hook(lambda module, args: time.sleep(delay))  # a slow encoder

@@ -13,21 +13,30 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import write_photo_crops
 from diffusers import AutoencoderKL
 from PIL import Image
 
-from conftest import write_photo_crops
 from latent_vae.cli import main
-from latent_vae.compare import CHECK_DRIFT, compare, judge, latent_drift
-from latent_vae.data import crop_image, open_source, to_tensor
-from latent_vae.evaluation import (INCEPTION_URL, EvalOptions, InceptionWeightsUnavailable, MetricNetworks,
-                                   RunningMoments, build_metric_networks, evaluate, load_inception, write_outputs)
+from latent_vae.data.sources import open_source
+from latent_vae.data.transforms import crop_image, to_tensor
+from latent_vae.errors import InceptionWeightsUnavailable, PerceptualWeightsUnavailable
+from latent_vae.evaluate.compare import CHECK_DRIFT, compare, judge, latent_drift
+from latent_vae.evaluate.evaluation import (
+    INCEPTION_URL,
+    EvalOptions,
+    MetricNetworks,
+    RunningMoments,
+    build_metric_networks,
+    evaluate,
+    load_inception,
+    write_outputs,
+)
 from latent_vae.losses import perceptual
-from latent_vae.losses.perceptual import PerceptualWeightsUnavailable
-from latent_vae.losses.quantizer import codebook_statistics
-from latent_vae.losses.regularizers import channel_activity
-from latent_vae.models import PRESETS, reconstruct
-from latent_vae.tokens import encode_to_indices
+from latent_vae.losses.kl import channel_activity
+from latent_vae.losses.vq import codebook_statistics
+from latent_vae.models.stock import encode_to_indices, reconstruct
+from latent_vae.presets import PRESETS
 
 RESOLUTION = 32
 UNREACHABLE = "http://127.0.0.1:9/"  # connection refused at once: the offline case, without waiting
@@ -97,7 +106,7 @@ def offline(monkeypatch, tmp_path):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
     for net, url in perceptual.BACKBONE_URLS.items():
         monkeypatch.setitem(perceptual.BACKBONE_URLS, net, UNREACHABLE + Path(url).name)
-    monkeypatch.setattr("latent_vae.evaluation.INCEPTION_URL", UNREACHABLE + Path(INCEPTION_URL).name)
+    monkeypatch.setattr("latent_vae.evaluate.evaluation.INCEPTION_URL", UNREACHABLE + Path(INCEPTION_URL).name)
 
 
 # --------------------------------------------------------------------------- numbers
@@ -277,8 +286,8 @@ release_process_group()
 
 def distributed_run(model_dir: str, data: str, out: str) -> None:
     """Evaluate with a seeded posterior sample per image and an injected feature extractor."""
-    from latent_vae.evaluation import process_state
-    from latent_vae.models import load_autoencoder
+    from latent_vae.evaluate.evaluation import process_state
+    from latent_vae.models.loading import load_autoencoder
 
     source, failures = open_source(data)
     options = fast_options(batch_size=2, sample=True, seed=7, fid=True)

@@ -2,15 +2,15 @@
 
 import pytest
 import torch
-
 from conftest import fast_config, reset_accelerate
-from latent_vae.checkpoint import list_checkpoints, load_tensors
+
 from latent_vae.losses import AutoencoderLoss
-from latent_vae.models import load_autoencoder
-from latent_vae.training import train
+from latent_vae.models.loading import load_autoencoder
+from latent_vae.train.checkpoint import list_checkpoints, load_tensors
+from latent_vae.train.loop import train
 
 # GAN, LeCam and KL all active from the first step so every term of both losses is compared.
-ALL_TERMS = ["loss.disc_start=0", "loss.lecam_weight=0.1", "loss.kl_weight=1e-3", "train.max_steps=2"]
+ALL_TERMS = ["gan.start=0", "gan.lecam_weight=0.1", "regularizer.kl.weight=1e-3", "train.max_steps=2"]
 
 
 class Spy(torch.optim.Adam):
@@ -100,7 +100,7 @@ def test_fused_optimizer_matches_the_default(tmp_path):
 
 @pytest.mark.parametrize("preset", ["tiny-kl", "tiny-vq"])
 def test_gradient_checkpointing_matches_plain(tmp_path, monkeypatch, preset):
-    model = [f"model.preset={preset}", "loss.reduction=mean"]
+    model = [f"model.preset={preset}", f"regularizer.kind={preset[-2:]}", "reconstruction.reduction=mean"]
     plain = first_step_gradients(tmp_path / "plain", monkeypatch, *model)
     fast = first_step_gradients(tmp_path / "gc", monkeypatch, *model, "model.gradient_checkpointing=true")
     for a, b in zip(fast, plain):

@@ -5,12 +5,13 @@ import warnings
 
 import numpy as np
 import pytest
-
 from conftest import fast_config
-from hostile import png_header_only, build_corpus
-from latent_vae.data import open_source
-from latent_vae.images import ImageReadError, check_header, load_image
-from latent_vae.training import train
+from hostile import build_corpus, png_header_only
+
+from latent_vae.data.images import check_header, load_image
+from latent_vae.data.sources import open_source
+from latent_vae.errors import ImageReadError
+from latent_vae.train.loop import train
 
 
 @pytest.fixture
@@ -52,7 +53,7 @@ def test_training_on_the_corpus_skips_and_counts_exactly(corpus, tmp_path):
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     from latent_vae.config import ModelConfig
-    from latent_vae.models import build_autoencoder
+    from latent_vae.models.loading import build_autoencoder
 
     folder = tmp_path_factory.mktemp("model") / "tiny-kl"
     build_autoencoder(ModelConfig(preset="tiny-kl")).save_pretrained(folder)
@@ -62,7 +63,7 @@ def tiny_model(tmp_path_factory):
 def test_encode_on_the_corpus_converts_skips_and_counts_exactly(corpus, tiny_model, tmp_path):
     import datasets
 
-    from latent_vae.encoding import encode_dataset
+    from latent_vae.encode.pipeline import encode_dataset
 
     summary = encode_dataset(str(tiny_model), str(corpus.root), tmp_path / "latents", resolution=32, progress=False)
     expected_failures = set(corpus.skipped)
@@ -80,8 +81,8 @@ def test_encode_on_the_corpus_converts_skips_and_counts_exactly(corpus, tiny_mod
 
 
 def test_eval_on_the_corpus_converts_skips_and_counts_exactly(corpus, tiny_model):
-    from latent_vae.evaluation import EvalOptions, evaluate
-    from latent_vae.models import load_autoencoder
+    from latent_vae.evaluate.evaluation import EvalOptions, evaluate
+    from latent_vae.models.loading import load_autoencoder
 
     source, scan_failures = open_source(str(corpus.root))
     result = evaluate(load_autoencoder(str(tiny_model)), source,
@@ -97,7 +98,7 @@ def test_eval_on_the_corpus_converts_skips_and_counts_exactly(corpus, tiny_model
 
 @pytest.mark.parametrize("row_id", ["../../etc/passwd", "/abs/path.png", "a/../../b.jpg", "..", "nested/ok.png"])
 def test_ids_from_a_dataset_never_name_a_path_outside_the_output_directory(tmp_path, row_id):
-    from latent_vae.encoding import preview_name
+    from latent_vae.encode.pipeline import preview_name
 
     name = preview_name(7, row_id)
     assert "/" not in name and not name.startswith(".")

@@ -7,9 +7,17 @@ import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from torch import nn
 
-from latent_vae.config import LossConfig
-from latent_vae.losses import (AutoencoderLoss, KLRegularizer, PatchDiscriminator, adaptive_gan_weight,
-                               discriminator_loss, generator_loss, kl_weight_at, lecam_regularizer)
+from latent_vae.config import GANConfig, KLConfig, ReconstructionConfig
+from latent_vae.losses import (
+    AutoencoderLoss,
+    KLRegularizer,
+    PatchDiscriminator,
+    adaptive_gan_weight,
+    discriminator_loss,
+    generator_loss,
+    kl_weight_at,
+    lecam_regularizer,
+)
 
 
 def posterior(mean, logvar):
@@ -21,28 +29,28 @@ def test_kl_term_sum_and_mean_reductions():
     mean = torch.tensor([[[[0.5, -1.0]]]])
     logvar = torch.tensor([[[[0.0, math.log(4.0)]]]])
     expected_sum = 0.5 * (0.25 + 1 - 1 - 0) + 0.5 * (1 + 4 - 1 - math.log(4.0))  # = 1.431853
-    out = KLRegularizer(LossConfig(kl_weight=1.0, reduction="sum"))(posterior(mean, logvar), None, step=0)
+    out = KLRegularizer(KLConfig(weight=1.0), "sum")(posterior(mean, logvar), None, step=0)
     assert out.loss.item() == pytest.approx(expected_sum, rel=1e-6)
-    out = KLRegularizer(LossConfig(kl_weight=1e-6, reduction="mean"))(posterior(mean, logvar), None, step=0)
+    out = KLRegularizer(KLConfig(weight=1e-6), "mean")(posterior(mean, logvar), None, step=0)
     assert out.loss.item() == pytest.approx(1e-6 * expected_sum / 2, rel=1e-6)
     assert torch.equal(out.latents, mean)  # no noise given: the posterior mean
 
 
 def test_kl_sum_reduction_averages_over_the_batch():
     mean = torch.ones(4, 2, 3, 3)
-    out = KLRegularizer(LossConfig(kl_weight=1.0, reduction="sum"))(posterior(mean, torch.zeros_like(mean)), None, 0)
+    out = KLRegularizer(KLConfig(weight=1.0), "sum")(posterior(mean, torch.zeros_like(mean)), None, 0)
     assert out.loss.item() == pytest.approx(0.5 * 2 * 3 * 3)  # per image: 0.5 * sum(mu^2) over C*h*w
 
 
 def test_kl_sample_uses_the_given_noise():
     mean, logvar = torch.zeros(1, 1, 1, 2), torch.full((1, 1, 1, 2), math.log(4.0))
     noise = torch.tensor([[[[1.0, -0.5]]]])
-    out = KLRegularizer(LossConfig())(posterior(mean, logvar), noise, 0)
+    out = KLRegularizer(KLConfig(), "sum")(posterior(mean, logvar), noise, 0)
     assert torch.allclose(out.latents, torch.tensor([[[[2.0, -1.0]]]]))
 
 
-def _loss(**kwargs):
-    return AutoencoderLoss(LossConfig(**{"perceptual_weight": 0.0, **kwargs}))
+def _loss(gan=None, **kwargs):
+    return AutoencoderLoss(ReconstructionConfig(**{"perceptual_weight": 0.0, **kwargs}), GANConfig(**(gan or {})))
 
 
 def test_nll_with_log_variance_sums_over_pixels():
@@ -66,7 +74,7 @@ class ConstantPerceptual(nn.Module):
 def test_perceptual_term_is_broadcast_to_every_pixel():
     """latent-diffusion's convention: the per-image LPIPS value counts C*H*W times in the sum."""
     x = torch.zeros(2, 3, 4, 4)
-    loss_fn = AutoencoderLoss(LossConfig(perceptual_weight=2.0, reduction="sum"), ConstantPerceptual())
+    loss_fn = AutoencoderLoss(ReconstructionConfig(perceptual_weight=2.0, reduction="sum"), GANConfig(), ConstantPerceptual())
     total, logs = loss_fn.generator_loss(x, x, torch.zeros(()), torch.zeros(()), 0, None, None)
     assert total.item() == pytest.approx(2.0 * 0.1 * 3 * 4 * 4, rel=1e-6)
     assert logs["lpips"].item() == pytest.approx(0.1)
@@ -110,7 +118,7 @@ def test_gan_term_gated_by_disc_start_and_weighted_by_lambda():
     w = nn.Parameter(torch.full((1, 1, 1, 1), 0.5))
     x = torch.ones(1, 1, 2, 2)
     disc = lambda img: img.mean(dim=(1, 2, 3), keepdim=True)  # noqa: E731  D(x_hat) = mean(x_hat)
-    loss_fn = _loss(disc_start=10, disc_weight=0.5, reduction="sum")
+    loss_fn = _loss(gan=dict(start=10, weight=0.5), reduction="sum")
 
     def run(step):
         x_hat = w * x
@@ -134,7 +142,7 @@ def test_adaptive_objective_has_the_gradient_of_the_generator_loss(learn_logvar)
     logvar = nn.Parameter(torch.tensor(0.2), requires_grad=learn_logvar)
     disc = PatchDiscriminator(3, 8, 2)
     disc.requires_grad_(False)
-    loss_fn = AutoencoderLoss(LossConfig(perceptual_weight=0.5, disc_start=0, reduction="sum"), ConstantishPerceptual())
+    loss_fn = AutoencoderLoss(ReconstructionConfig(perceptual_weight=0.5, reduction="sum"), GANConfig(start=0), ConstantishPerceptual())
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     params = [*decoder.parameters(), encoder_weight] + ([logvar] if learn_logvar else [])
 
@@ -167,14 +175,14 @@ def test_adaptive_weight_is_fp32_under_bf16_autocast():
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     with torch.autocast("cpu", dtype=torch.bfloat16):
         x_hat = conv(x)
-        total, logs = _loss(disc_start=0).generator_loss(x, x_hat, torch.zeros(()), torch.zeros(()), 0, disc, conv.weight)
+        total, logs = _loss(gan=dict(start=0)).generator_loss(x, x_hat, torch.zeros(()), torch.zeros(()), 0, disc, conv.weight)
     assert logs["gan_weight"].dtype == torch.float32 and total.dtype == torch.float32
 
 
 def test_discriminator_step_does_not_reach_the_autoencoder():
     conv = nn.Conv2d(3, 3, 3, padding=1)
     x = torch.rand(2, 3, 32, 32) * 2 - 1
-    loss, _ = _loss(lecam_weight=0.1).discriminator_loss(PatchDiscriminator(3, 8, 2), x, conv(x))
+    loss, _ = _loss(gan=dict(lecam_weight=0.1)).discriminator_loss(PatchDiscriminator(3, 8, 2), x, conv(x))
     loss.backward()
     assert conv.weight.grad is None
 
@@ -194,19 +202,19 @@ def test_group_norm_discriminator_scores_each_image_independently():
 
 
 def test_kl_schedules():
-    constant = LossConfig(kl_weight=1e-3)
+    constant = KLConfig(weight=1e-3)
     assert kl_weight_at(0, constant) == kl_weight_at(10**6, constant) == 1e-3
-    linear = LossConfig(kl_weight=1e-3, kl_schedule="linear", kl_warmup_steps=100)
+    linear = KLConfig(weight=1e-3, schedule="linear", warmup_steps=100)
     assert [kl_weight_at(s, linear) for s in (0, 50, 100, 200)] == pytest.approx([0, 5e-4, 1e-3, 1e-3])
-    cyclical = LossConfig(kl_weight=1.0, kl_schedule="cyclical", kl_cycle_steps=100, kl_cycle_ratio=0.5)
+    cyclical = KLConfig(weight=1.0, schedule="cyclical", cycle_steps=100, cycle_ratio=0.5)
     assert [kl_weight_at(s, cyclical) for s in (0, 25, 50, 99, 100, 125)] == pytest.approx([0, 0.5, 1, 1, 0, 0.5])
 
 
 def test_free_bits_only_change_gradients_below_the_floor():
     # channel 0: KL per element 0.5 * mu^2 = 2.0 (above the floor); channel 1: 0.005 (below).
     mean = torch.tensor([[[[2.0]], [[0.1]]]], requires_grad=True)
-    cfg = LossConfig(kl_weight=1.0, free_bits=0.5, reduction="sum")
-    out = KLRegularizer(cfg)(posterior(mean, torch.zeros_like(mean)), None, 0)
+    cfg = KLConfig(weight=1.0, free_bits=0.5)
+    out = KLRegularizer(cfg, "sum")(posterior(mean, torch.zeros_like(mean)), None, 0)
     out.loss.backward()
     assert out.loss.item() == pytest.approx(2.0 + 0.5)
     assert mean.grad[0, 0].item() == pytest.approx(2.0)  # d(0.5 mu^2)/dmu, unchanged above the floor

@@ -5,8 +5,9 @@ import torch
 from diffusers import AutoencoderKL, VQModel
 
 from latent_vae.config import ConfigError, ModelConfig
-from latent_vae.models import (PRESETS, build_autoencoder, count_parameters, downsample_factor, latent_channels,
-                               load_autoencoder, reconstruct)
+from latent_vae.models.loading import build_autoencoder, load_autoencoder
+from latent_vae.models.stock import count_parameters, downsample_factor, latent_channels, reconstruct
+from latent_vae.presets import PRESETS
 
 
 def test_kl_f8_is_the_stable_diffusion_architecture():

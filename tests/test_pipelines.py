@@ -7,8 +7,9 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, LDMPipeline, StableDiffusionPipeline, UNet2DConditionModel, UNet2DModel
 
-from latent_vae.models import PRESETS
-from latent_vae.pipelines import IncompatibleVAE, LatentDriftWarning, check_images, swap_vae
+from latent_vae.errors import IncompatibleVAE
+from latent_vae.interop.pipelines import LatentDriftWarning, check_images, swap_vae
+from latent_vae.presets import PRESETS
 
 SIZE = 64  # pixels; 8x8 latents for the f8 tiny presets
 

@@ -10,16 +10,18 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import fast_config, reset_accelerate
-from latent_vae import checkpoint as ckpt
-from latent_vae.data import TrainDataset, derive_seed
-from latent_vae.training import TrainingError, train
 from test_training import all_tensors
 
+from latent_vae.data.datasets import TrainDataset
+from latent_vae.errors import TrainingError
+from latent_vae.seeding import derive_seed
+from latent_vae.train import checkpoint as ckpt
+from latent_vae.train.loop import train
+
 TESTS = str(Path(__file__).parent)
-COMMON = ["train.max_steps=8", "train.checkpoint_every=2", "train.keep_checkpoints=10", "loss.disc_start=3",
-          "loss.lecam_weight=0.1", "train.ema_decay=0.9", "export.scaling_images=0"]
+COMMON = ["train.max_steps=8", "train.checkpoint_every=2", "train.keep_checkpoints=10", "gan.start=3",
+          "gan.lecam_weight=0.1", "train.ema_decay=0.9", "export.scaling_images=0"]
 
 # A real training process, instrumented from the outside to pause at a chosen point so the
 # test can kill it exactly there. Nothing in latent_vae knows about it.
@@ -27,7 +29,7 @@ CHILD = """
 import os, sys, time, torch
 sys.path.insert(0, {tests!r})
 from conftest import FAST
-import latent_vae.checkpoint as ckpt
+import latent_vae.train.checkpoint as ckpt
 from latent_vae.cli import main
 
 mode, pause_step, marker, out = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
@@ -146,7 +148,7 @@ def poison(monkeypatch, seed: int, batch_size: int, positions):
 def test_consecutive_non_finite_steps_stop_the_run_with_pre_failure_weights(tmp_path, monkeypatch):
     poison(monkeypatch, seed=0, batch_size=2, positions=range(4, 10_000))  # every sample from step 2 on
     with pytest.raises(TrainingError, match="3 consecutive non-finite steps"):
-        train(fast_config("train.max_steps=50", "train.max_bad_steps=3", "loss.disc_start=0", *COMMON[1:3]), tmp_path)
+        train(fast_config("train.max_steps=50", "train.max_bad_steps=3", "gan.start=0", *COMMON[1:3]), tmp_path)
     saved = ckpt.list_checkpoints(tmp_path / "checkpoints")
     assert [p.name for p in saved] == ["checkpoint-00000002", "checkpoint-00000004", "checkpoint-00000005"]
     before = all_tensors(saved[0])
@@ -188,10 +190,11 @@ NAN_CHILD = """
 import os, sys, torch
 sys.path.insert(0, {tests!r})
 from conftest import fast_config
-import latent_vae.data as data
-from latent_vae.training import train
+import latent_vae.data.datasets as data
+from latent_vae.seeding import derive_seed
+from latent_vae.train.loop import train
 
-bad = data.derive_seed(0, 0, 6)  # stream position 6 = first sample of rank 1 at step 1 (batch 2, 2 ranks)
+bad = derive_seed(0, 0, 6)  # stream position 6 = first sample of rank 1 at step 1 (batch 2, 2 ranks)
 original = data.TrainDataset.__getitem__
 def getitem(self, key):
     sample = original(self, key)
@@ -207,7 +210,7 @@ def step(self, *args, **kwargs):
     params.append([p.detach().clone() for g in self.param_groups for p in g["params"]])
     return out
 torch.optim.Adam.step = step
-summary = train(fast_config("train.max_steps=3", "loss.disc_start=0"), sys.argv[1])
+summary = train(fast_config("train.max_steps=3", "gan.start=0"), sys.argv[1])
 torch.save({{"params": params, "skipped": summary.skipped_steps}}, os.path.join(sys.argv[1], "r%s.pt" % os.environ["RANK"]))
 """
 
@@ -258,8 +261,9 @@ class Payload:
 
 
 def test_pickled_files_are_refused_without_executing_them(tmp_path):
-    from latent_vae.losses.perceptual import PerceptualWeightsUnavailable, build_lpips
-    from latent_vae.models import load_autoencoder
+    from latent_vae.errors import PerceptualWeightsUnavailable
+    from latent_vae.losses.perceptual import build_lpips
+    from latent_vae.models.loading import load_autoencoder
 
     marker = tmp_path / "executed"
     evil = tmp_path / "evil.pt"

@@ -6,22 +6,24 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import fast_config, reset_accelerate, run_python
-from latent_vae.checkpoint import list_checkpoints, load_tensors, load_training_state
+
 from latent_vae.config import ModelConfig, load_config
-from latent_vae.data import ValidationDataset, sample_photo_sources
-from latent_vae.losses.perceptual import PerceptualWeightsUnavailable
-from latent_vae.models import build_autoencoder, load_autoencoder, reconstruct
-from latent_vae.training import train
+from latent_vae.data.datasets import ValidationDataset
+from latent_vae.data.sources import sample_photo_sources
+from latent_vae.errors import PerceptualWeightsUnavailable
+from latent_vae.models.loading import build_autoencoder, load_autoencoder
+from latent_vae.models.stock import reconstruct
+from latent_vae.train.checkpoint import list_checkpoints, load_tensors, load_training_state
+from latent_vae.train.loop import train
 
 
 @pytest.fixture(scope="module")
 def quickstart_run(tmp_path_factory):
     """The quickstart recipe, shortened to 250 steps (~1 min on 2 CPU cores), GAN on from step 150."""
     out = tmp_path_factory.mktemp("quickstart")
-    config = load_config(None, ["train.max_steps=250", "loss.disc_start=150", "train.val_every=250",
-                                "train.checkpoint_every=1000", "loss.perceptual_weight=0", "logging.image_every=125"])
+    config = load_config(None, ["train.max_steps=250", "gan.start=150", "train.val_every=250",
+                                "train.checkpoint_every=1000", "reconstruction.perceptual_weight=0", "logging.image_every=125"])
     summary = train(config, out)
     reset_accelerate()
     return out, summary
@@ -103,7 +105,7 @@ def all_tensors(checkpoint: Path) -> dict:
 
 def test_resume_ends_with_identical_weights(tmp_path):
     """Stop after 3 steps (a finished run), resume it with a larger max_steps: bit-identical to 6 straight steps."""
-    common = ["loss.disc_start=2", "loss.lecam_weight=0.1", "train.ema_decay=0.9", "train.lr_warmup_steps=2",
+    common = ["gan.start=2", "gan.lecam_weight=0.1", "train.ema_decay=0.9", "train.lr_warmup_steps=2",
               "train.lr_schedule=cosine", "export.scaling_images=0"]
     train(fast_config("train.max_steps=6", *common), tmp_path / "straight")
     first = train(fast_config("train.max_steps=3", *common), tmp_path / "resumed")
@@ -119,11 +121,11 @@ def test_resume_ends_with_identical_weights(tmp_path):
 
 
 def test_resume_refuses_an_incompatible_checkpoint(tmp_path):
-    from latent_vae.checkpoint import CheckpointError
+    from latent_vae.errors import CheckpointError
 
     train(fast_config("train.max_steps=1"), tmp_path)
     with pytest.raises(CheckpointError, match="model.preset: checkpoint 'tiny-kl' vs now 'tiny-vq'"):
-        train(fast_config("train.max_steps=2", "model.preset=tiny-vq"), tmp_path, resume="latest")
+        train(fast_config("train.max_steps=2", "model.preset=tiny-vq", "regularizer.kind=vq"), tmp_path, resume="latest")
 
 
 def test_unreadable_inputs_are_skipped_counted_and_listed(photo_folder, tmp_path):
@@ -146,18 +148,18 @@ def test_missing_lpips_weights_stop_the_run_before_the_first_step(tmp_path, monk
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-cache"))
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
-    with pytest.raises(PerceptualWeightsUnavailable, match=r"loss.perceptual_weights=.*loss.perceptual_weight=0"):
-        train(fast_config("loss.perceptual_weight=1.0"), tmp_path / "run")
+    with pytest.raises(PerceptualWeightsUnavailable, match=r"reconstruction.perceptual_weights=.*reconstruction.perceptual_weight=0"):
+        train(fast_config("reconstruction.perceptual_weight=1.0"), tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoints").exists()
-    summary = train(fast_config("loss.perceptual_weight=1.0", "loss.perceptual_if_unavailable=disable",
+    summary = train(fast_config("reconstruction.perceptual_weight=1.0", "reconstruction.perceptual_if_unavailable=disable",
                                 "train.max_steps=1"), tmp_path / "run2")
     assert summary.steps == 1
     assert "perceptual loss: DISABLED" in (tmp_path / "run2" / "train.log").read_text()
-    assert load_config(tmp_path / "run2" / "config.yaml").loss.perceptual_weight == 0
+    assert load_config(tmp_path / "run2" / "config.yaml").reconstruction.perceptual_weight == 0
 
 
 def test_lpips_from_a_local_weights_file(tmp_path, lpips_weights):
-    summary = train(fast_config("loss.perceptual_weight=1.0", f"loss.perceptual_weights={lpips_weights}",
+    summary = train(fast_config("reconstruction.perceptual_weight=1.0", f"reconstruction.perceptual_weights={lpips_weights}",
                                 "train.max_steps=2", "logging.log_every=1", "logging.trackers=[tensorboard]"), tmp_path)
     assert summary.steps == 2
     log = (tmp_path / "train.log").read_text()
@@ -177,7 +179,7 @@ class GradientSpy(torch.optim.Adam):
 def first_step_gradients(tmp_path, monkeypatch, *overrides):
     GradientSpy.record = []
     monkeypatch.setattr(torch.optim, "Adam", GradientSpy)
-    train(fast_config("train.max_steps=1", "loss.disc_start=0", *overrides), tmp_path)
+    train(fast_config("train.max_steps=1", "gan.start=0", *overrides), tmp_path)
     ae, disc = GradientSpy.record
     return ae, disc
 
@@ -185,11 +187,11 @@ def first_step_gradients(tmp_path, monkeypatch, *overrides):
 def test_no_gradient_leaks_between_the_two_optimisers(tmp_path, monkeypatch):
     """The D gradient must not depend on the generator's GAN weight, nor the autoencoder's on
     the D-only LeCam term; at step 0 both see the same reconstructions."""
-    ae_a, d_a = first_step_gradients(tmp_path / "a", monkeypatch, "loss.disc_weight=0.5")
-    ae_b, d_b = first_step_gradients(tmp_path / "b", monkeypatch, "loss.disc_weight=5.0")
+    ae_a, d_a = first_step_gradients(tmp_path / "a", monkeypatch, "gan.weight=0.5")
+    ae_b, d_b = first_step_gradients(tmp_path / "b", monkeypatch, "gan.weight=5.0")
     assert all(torch.equal(x, y) for x, y in zip(d_a, d_b))
     assert not all(torch.equal(x, y) for x, y in zip(ae_a, ae_b))  # the knob does act on G
-    ae_c, d_c = first_step_gradients(tmp_path / "c", monkeypatch, "loss.disc_weight=0.5", "loss.lecam_weight=1.0")
+    ae_c, d_c = first_step_gradients(tmp_path / "c", monkeypatch, "gan.weight=0.5", "gan.lecam_weight=1.0")
     assert all(torch.equal(x, y) for x, y in zip(ae_a, ae_c))
     assert not all(torch.equal(x, y) for x, y in zip(d_a, d_c))
 
@@ -222,9 +224,9 @@ def test_gradient_accumulation_equals_the_combined_batch(tmp_path, monkeypatch):
     Without the GAN term: with it, λ is measured per micro-batch, as every trainer does."""
     GradientSpy.record = []
     monkeypatch.setattr(torch.optim, "Adam", GradientSpy)
-    train(fast_config("train.max_steps=1", "train.batch_size=4", "loss.kl_weight=1e-3"), tmp_path / "batch")
+    train(fast_config("train.max_steps=1", "train.batch_size=4", "regularizer.kl.weight=1e-3"), tmp_path / "batch")
     reset_accelerate()
-    train(fast_config("train.max_steps=1", "train.batch_size=2", "train.grad_accum_steps=2", "loss.kl_weight=1e-3"),
+    train(fast_config("train.max_steps=1", "train.batch_size=2", "train.grad_accum_steps=2", "regularizer.kl.weight=1e-3"),
           tmp_path / "accumulated")
     combined, accumulated = GradientSpy.record
     scale = max(g.abs().max() for g in combined)

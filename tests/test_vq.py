@@ -7,26 +7,24 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import fast_config, reset_accelerate, run_python
 from torch import nn
 
-from conftest import fast_config, reset_accelerate, run_python
-from latent_vae.config import LossConfig, ModelConfig, QuantizerConfig, load_config
-from latent_vae.data import ValidationDataset, sample_photo_sources
-from latent_vae.losses.quantizer import VectorQuantizerTrainer, codebook_statistics, nearest_codes
-from latent_vae.models import build_autoencoder, load_autoencoder, reconstruct
-from latent_vae.tokens import decode_from_indices, encode_to_indices
-from latent_vae.training import train
+from latent_vae.config import ModelConfig, VQConfig, load_config
+from latent_vae.data.datasets import ValidationDataset
+from latent_vae.data.sources import sample_photo_sources
+from latent_vae.losses.vq import VectorQuantizerTrainer, codebook_statistics, nearest_codes
+from latent_vae.models.loading import build_autoencoder, load_autoencoder
+from latent_vae.models.stock import decode_from_indices, encode_to_indices, reconstruct
+from latent_vae.train.loop import train
 
 
-def two_code_quantizer(**loss_kwargs):
-    """Codes e0 = (0, 0), e1 = (1, 1); quantizer config from keyword arguments."""
-    quantizer_keys = {"ema_decay", "ema_epsilon", "l2_normalize", "restart_dead", "dead_after"}
-    q_cfg = QuantizerConfig(**{k: v for k, v in loss_kwargs.items() if k in quantizer_keys})
-    loss_cfg = LossConfig(**{k: v for k, v in loss_kwargs.items() if k not in quantizer_keys})
+def two_code_quantizer(reduction="sum", **vq_kwargs):
+    """Codes e0 = (0, 0), e1 = (1, 1); regularizer.vq settings from keyword arguments."""
     embedding = nn.Embedding(2, 2)
     with torch.no_grad():
         embedding.weight.copy_(torch.tensor([[0.0, 0.0], [1.0, 1.0]]))
-    return VectorQuantizerTrainer(embedding, loss_cfg, q_cfg, seed=0), embedding
+    return VectorQuantizerTrainer(embedding, VQConfig(**vq_kwargs), reduction, seed=0), embedding
 
 
 def one_token(values=(0.8, 0.6)):
@@ -39,7 +37,7 @@ def one_token(values=(0.8, 0.6)):
     (True, [0.05, 0.1], [-0.2, -0.4]),    # legacy (taming legacy=True / diffusers): beta on the codebook term
 ])
 def test_codebook_loss_beta_placement(legacy, grad_e, grad_z):
-    quantizer, embedding = two_code_quantizer(reduction="mean", commitment_beta=0.25, legacy_beta=legacy)
+    quantizer, embedding = two_code_quantizer(reduction="mean", beta=0.25, legacy_beta=legacy)
     z = one_token()
     out = quantizer.eval()(z, step=0)
     assert out.loss.item() == pytest.approx(0.1 + 0.25 * 0.1)
@@ -50,7 +48,7 @@ def test_codebook_loss_beta_placement(legacy, grad_e, grad_z):
 
 
 def test_codebook_weight_and_sum_reduction():
-    quantizer, _ = two_code_quantizer(reduction="sum", codebook_weight=2.0)
+    quantizer, _ = two_code_quantizer(reduction="sum", weight=2.0)
     assert quantizer.eval()(one_token(), 0).loss.item() == pytest.approx(2.0 * (0.2 + 0.25 * 0.2))
 
 
@@ -127,9 +125,9 @@ def test_dead_code_restart_revives_a_collapsed_codebook(tmp_path):
     vq.save_pretrained(tmp_path / "bad-init")
     usage = {}
     for restart in (False, True):
-        train(fast_config(f"model.pretrained={tmp_path / 'bad-init'}", "data.resolution=64", "data.resize=128",
-                          "train.batch_size=8", "train.max_steps=60", "loss.reduction=mean",
-                          f"quantizer.restart_dead={restart}", "quantizer.dead_after=10"), tmp_path / f"run-{restart}")
+        train(fast_config(f"model.pretrained={tmp_path / 'bad-init'}", "regularizer.kind=vq", "data.resolution=64", "data.resize=128",
+                          "train.batch_size=8", "train.max_steps=60", "reconstruction.reduction=mean",
+                          f"regularizer.vq.restart_dead={restart}", "regularizer.vq.dead_after=10"), tmp_path / f"run-{restart}")
         reset_accelerate()
         model = load_autoencoder(str(tmp_path / f"run-{restart}" / "model")).eval()
         usage[restart] = encode_to_indices(model, photo_crops()).unique().numel() / 256
@@ -153,9 +151,9 @@ assert "latent_vae" not in sys.modules
 
 
 def test_vq_export_loads_in_stock_diffusers_with_identical_tokens_and_reconstructions(tmp_path):
-    summary = train(fast_config("model.preset=tiny-vq", "loss.reduction=mean", "train.max_steps=6",
-                                "loss.disc_start=3", "quantizer.restart_dead=true", "quantizer.dead_after=2",
-                                "quantizer.l2_normalize=true"), tmp_path / "run")
+    summary = train(fast_config("model.preset=tiny-vq", "regularizer.kind=vq", "reconstruction.reduction=mean", "train.max_steps=6",
+                                "gan.start=3", "regularizer.vq.restart_dead=true", "regularizer.vq.dead_after=2",
+                                "regularizer.vq.l2_normalize=true"), tmp_path / "run")
     images = photo_crops()[:4]
     torch.save(images, tmp_path / "images.pt")
     result = run_python(STOCK_VQ, str(summary.model_dir), str(tmp_path / "images.pt"), str(tmp_path / "stock.pt"))
@@ -174,8 +172,8 @@ CODEBOOK_SPY = """
 import os, sys, torch
 sys.path.insert(0, {tests!r})
 from conftest import fast_config
-import latent_vae.losses.quantizer as quantizer
-from latent_vae.training import train
+import latent_vae.losses.vq as quantizer
+from latent_vae.train.loop import train
 
 snapshots = []
 original = quantizer.VectorQuantizerTrainer._maintain_codebook
@@ -187,9 +185,9 @@ def spy(self, z, indices, step):
 
 quantizer.VectorQuantizerTrainer._maintain_codebook = spy
 out, batch = sys.argv[1], sys.argv[2]
-train(fast_config(f"train.batch_size={{batch}}", "model.preset=tiny-vq", "loss.reduction=mean", "train.max_steps=2",
-                  "quantizer.ema_decay=0.9", "quantizer.restart_dead=true", "quantizer.dead_after=1",
-                  "quantizer.restart_buffer=64", "export.scaling_images=0"), out)
+train(fast_config(f"train.batch_size={{batch}}", "model.preset=tiny-vq", "regularizer.kind=vq", "reconstruction.reduction=mean", "train.max_steps=2",
+                  "regularizer.vq.ema_decay=0.9", "regularizer.vq.restart_dead=true", "regularizer.vq.dead_after=1",
+                  "regularizer.vq.restart_buffer=64", "export.scaling_images=0"), out)
 torch.save(snapshots, os.path.join(out, f"codebooks-{{os.environ.get('RANK', '0')}}.pt"))
 """
 
@@ -218,8 +216,8 @@ def test_codebooks_stay_identical_across_ranks_and_match_one_process(tmp_path):
 
 
 def test_vq_training_logs_codebook_health(tmp_path):
-    train(fast_config("model.preset=tiny-vq", "loss.reduction=mean", "train.max_steps=4", "logging.log_every=2",
-                      "logging.trackers=[tensorboard]", "quantizer.restart_dead=true", "quantizer.dead_after=2"),
+    train(fast_config("model.preset=tiny-vq", "regularizer.kind=vq", "reconstruction.reduction=mean", "train.max_steps=4", "logging.log_every=2",
+                      "logging.trackers=[tensorboard]", "regularizer.vq.restart_dead=true", "regularizer.vq.dead_after=2"),
           tmp_path)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -19,11 +19,8 @@ def user_errors() -> tuple:
 
     Imported lazily so that ``--help`` stays fast.
     """
-    from ..checkpoint import CheckpointError
-    from ..config import ConfigError
-    from ..data import DataError
-    from ..images import ImageReadError
-    from ..losses.perceptual import PerceptualWeightsUnavailable
+    from ..errors import ConfigError
+    from ..errors import CheckpointError, DataError, ImageReadError, PerceptualWeightsUnavailable
 
     return (ConfigError, DataError, PerceptualWeightsUnavailable, CheckpointError, ImageReadError,
             FileNotFoundError, PermissionError, NotADirectoryError)

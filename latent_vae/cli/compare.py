@@ -44,9 +44,9 @@ def run(args: argparse.Namespace) -> int:
 
     from accelerate import PartialState
 
-    from ..compare import compare, format_comparison
-    from ..data import open_source
-    from ..models import load_autoencoder
+    from ..data.sources import open_source
+    from ..evaluate.compare import compare, format_comparison
+    from ..models.loading import load_autoencoder
 
     options = evaluation_options(args)
     model_a = load_autoencoder(args.model_a, subfolder=args.subfolder_a)

@@ -73,7 +73,7 @@ def add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
 
 def lpips_weight_files(entries: List[str], nets: List[str]) -> Dict[str, str]:
     """``--lpips-weights`` entries (``net=PATH`` or ``PATH``) -> {backbone: path}."""
-    from ..config import ConfigError
+    from ..errors import ConfigError
 
     files = {}
     for entry in entries:
@@ -89,7 +89,7 @@ def lpips_weight_files(entries: List[str], nets: List[str]) -> Dict[str, str]:
 
 
 def evaluation_options(args: argparse.Namespace):
-    from ..evaluation import EvalOptions
+    from ..evaluate.evaluation import EvalOptions
 
     nets = [] if args.no_lpips else list(dict.fromkeys(args.lpips))
     return EvalOptions(
@@ -116,9 +116,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
-    from ..data import open_source
-    from ..evaluation import evaluate, format_summary, write_outputs
-    from ..models import load_autoencoder
+    from ..data.sources import open_source
+    from ..evaluate.evaluation import evaluate, format_summary, write_outputs
+    from ..models.loading import load_autoencoder
 
     options = evaluation_options(args)
     model = load_autoencoder(args.model, subfolder=args.subfolder)

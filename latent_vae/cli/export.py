@@ -43,9 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..config import ConfigError
-    from ..convert import describe, export_single_file
-    from ..models import load_autoencoder
+    from ..errors import ConfigError
+    from ..interop.single_file import describe, export_single_file
+    from ..models.loading import load_autoencoder
 
     if args.output.exists() and not args.overwrite:
         raise ConfigError(f"{args.output} exists; pass --overwrite to replace it")

@@ -40,9 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..config import ConfigError
-    from ..convert import describe, import_single_file
-    from ..export import save_diffusers_model
+    from ..errors import ConfigError
+    from ..interop.export import save_diffusers_model
+    from ..interop.single_file import describe, import_single_file
 
     out = args.output_dir
     if out.exists() and any(out.iterdir()):

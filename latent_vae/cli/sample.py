@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..latent_tools.cli_args import add_common_arguments, load_model_from_args, positive_int, print_unreadable
+from ._args import add_common_arguments, load_model_from_args, positive_int, print_unreadable
 
 HELP = "decode samples of the latent prior or of a Gaussian fitted to encoded images"
 DESCRIPTION = """\

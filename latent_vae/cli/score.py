@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..latent_tools.cli_args import add_common_arguments, load_model_from_args, positive_int, print_unreadable
+from ._args import add_common_arguments, load_model_from_args, positive_int, print_unreadable
 
 HELP = "per-image anomaly scores (reconstruction error, LPIPS, KL) with a threshold calibrated on normal images"
 DESCRIPTION = """\

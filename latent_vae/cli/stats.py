@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import json
 
-    from ..latent_stats import compute_latent_statistics, write_to_model_config
+    from ..encode.stats import compute_latent_statistics, write_to_model_config
 
     stats = compute_latent_statistics(args.latents, args.column, args.batch_size)
     (args.latents / "latent_stats.json").write_text(json.dumps(stats.to_json(), indent=2) + "\n")

@@ -42,7 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..config import load_config
-    from ..training import TrainingError, train
+    from ..errors import TrainingError
+    from ..train.loop import train
 
     output_dir = args.output_dir or Path("runs") / (Path(args.config).stem if args.config else "quickstart")
     config_path = args.config
@@ -51,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if config_path is None:
         # The no-config quickstart must run offline: without LPIPS weights it trains (and logs) without them.
-        overrides.insert(0, "loss.perceptual_if_unavailable=disable")
+        overrides.insert(0, "reconstruction.perceptual_if_unavailable=disable")
     config = load_config(config_path, overrides)
     try:
         summary = train(config, output_dir, resume=args.resume)

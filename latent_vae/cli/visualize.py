@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..latent_tools.cli_args import add_common_arguments, load_model_from_args, print_unreadable
+from ._args import add_common_arguments, load_model_from_args, print_unreadable
 
 HELP = "show latent channels, a PCA-to-RGB rendering and per-channel histograms of images' latents"
 DESCRIPTION = """\

@@ -24,11 +24,11 @@ import torchvision
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..config import ConfigError
-from ..data import Failure, FolderSource, ImageSource, open_source
-from ..evaluation import EvalDataset, collate_eval_batch
-from ..models import Autoencoder, downsample_factor, is_vq, load_autoencoder
-
+from ..errors import ConfigError
+from ..data.sources import Failure, FolderSource, ImageSource, open_source
+from ..evaluate.evaluation import EvalDataset, collate_eval_batch
+from ..models.loading import load_autoencoder
+from ..models.stock import Autoencoder, downsample_factor, is_vq
 
 # --------------------------------------------------------------------------- model and device
 

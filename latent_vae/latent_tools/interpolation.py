@@ -25,12 +25,19 @@ from typing import List, Sequence
 
 import torch
 
-from ..models import from_diffusion_latents, to_diffusion_latents
-from ..config import ConfigError
-from ..data import Failure, ImageSource
-from ..models import Autoencoder
-from .common import (check_resolution, decode_latents, decoder_latents, image_grid, load_images, require_images,
-                     to_pil, write_failures)
+from ..errors import ConfigError
+from ..data.sources import Failure, ImageSource
+from ..models.stock import Autoencoder, from_diffusion_latents, to_diffusion_latents
+from .common import (
+    check_resolution,
+    decode_latents,
+    decoder_latents,
+    image_grid,
+    load_images,
+    require_images,
+    to_pil,
+    write_failures,
+)
 
 METHODS = ("slerp", "linear")
 ANIMATION_FORMATS = ("gif", "webp")

@@ -28,13 +28,26 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from ..models import from_diffusion_latents
-from ..config import ConfigError
-from ..data import Failure, ImageSource
-from ..models import Autoencoder, downsample_factor, is_vq, latent_channels
-from ..tokens import indices_to_latents
-from .common import (check_resolution, decode_latents, decoder_latents, image_grid, iter_batches, require_images,
-                     to_pil, write_failures)
+from ..errors import ConfigError
+from ..data.sources import Failure, ImageSource
+from ..models.stock import (
+    Autoencoder,
+    downsample_factor,
+    from_diffusion_latents,
+    indices_to_latents,
+    is_vq,
+    latent_channels,
+)
+from .common import (
+    check_resolution,
+    decode_latents,
+    decoder_latents,
+    image_grid,
+    iter_batches,
+    require_images,
+    to_pil,
+    write_failures,
+)
 
 DISTRIBUTIONS = ("prior", "scaled-prior", "fitted")
 COVARIANCES = ("diagonal", "full")

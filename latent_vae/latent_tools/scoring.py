@@ -25,12 +25,13 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from ..config import ConfigError
-from ..data import Failure, ImageSource
-from ..evaluation import reconstruct_batch
-from ..losses.perceptual import PerceptualWeightsUnavailable, build_lpips
-from ..metrics import to_unit_range
-from ..models import Autoencoder, is_vq
+from ..errors import ConfigError
+from ..data.sources import Failure, ImageSource
+from ..errors import PerceptualWeightsUnavailable
+from ..evaluate.evaluation import reconstruct_batch
+from ..evaluate.metrics import to_unit_range
+from ..losses.perceptual import build_lpips
+from ..models.stock import Autoencoder, is_vq
 from .common import check_resolution, iter_batches, write_csv, write_failures
 
 SCORES = ("mse", "l1", "lpips", "kl")

@@ -19,11 +19,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..models import to_diffusion_latents
-from ..data import Failure, ImageSource
-from ..models import Autoencoder, downsample_factor
-from .common import (check_resolution, decode_latents, decoder_latents, image_grid, load_images, require_images,
-                     unique_stems, write_csv, write_failures)
+from ..data.sources import Failure, ImageSource
+from ..models.stock import Autoencoder, downsample_factor, to_diffusion_latents
+from .common import (
+    check_resolution,
+    decode_latents,
+    decoder_latents,
+    image_grid,
+    load_images,
+    require_images,
+    unique_stems,
+    write_csv,
+    write_failures,
+)
 
 # Histograms of at most this many channels are drawn (a 256-channel bottleneck would be unreadable).
 MAX_HISTOGRAMS = 32

@@ -1,9 +1,16 @@
 """The training objective: reconstruction + perceptual, discriminator, and latent regularisers."""
 
+from torch import nn
+
+from ..config import Config, check_regularizer_kind
+from ..errors import PerceptualWeightsUnavailable
+from ..models.stock import Autoencoder, is_vq
 from .autoencoder_loss import AutoencoderLoss, adaptive_gan_weight
+from .base import RegularizerOutput, reduce_elements
 from .discriminator import PatchDiscriminator, discriminator_loss, generator_loss, lecam_regularizer
-from .perceptual import PerceptualLoss, PerceptualWeightsUnavailable, build_lpips
-from .regularizers import KLRegularizer, RegularizerOutput, kl_weight_at, reduce_elements
+from .kl import KLRegularizer, kl_weight_at
+from .perceptual import PerceptualLoss, build_lpips
+from .vq import VectorQuantizerTrainer
 
 __all__ = [
     "AutoencoderLoss",
@@ -19,4 +26,16 @@ __all__ = [
     "kl_weight_at",
     "lecam_regularizer",
     "reduce_elements",
+    "VectorQuantizerTrainer",
+    "build_regularizer",
 ]
+
+
+def build_regularizer(vae: Autoencoder, config: Config) -> nn.Module:
+    """The latent regulariser of ``regularizer.kind``, which must be the model's own (KL or VQ)."""
+    kind = "vq" if is_vq(vae) else "kl"
+    check_regularizer_kind(config.regularizer.kind, kind, f"model {config.model.pretrained or config.model.preset}")
+    reduction = config.reconstruction.reduction
+    if kind == "vq":
+        return VectorQuantizerTrainer(vae.quantize.embedding, config.regularizer.vq, reduction, config.train.seed)
+    return KLRegularizer(config.regularizer.kl, reduction)

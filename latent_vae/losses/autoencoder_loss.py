@@ -1,11 +1,11 @@
 """The autoencoder objective shared by KL and VQ models.
 
-Generator (autoencoder) loss, per pixel then reduced (``loss.reduction``):
+Generator (autoencoder) loss, per pixel then reduced (``reconstruction.reduction``):
 
     rec  = w_pix · |x − x̂|  (or squared)  +  w_p · LPIPS(x, x̂)    # LPIPS per image, broadcast to every pixel
     nll  = rec / exp(s) + s                                      # s: log-variance, 0 unless learned
-    L_G  = reduce(nll) + regulariser + λ · [step ≥ disc_start] · g(D(x̂))
-    λ    = disc_weight · clamp(‖∇_W reduce(nll)‖ / (‖∇_W g‖ + 1e-4), 0, max),  W = decoder.conv_out.weight
+    L_G  = reduce(nll) + regulariser + λ · [step ≥ gan.start] · g(D(x̂))
+    λ    = gan.weight · clamp(‖∇_W reduce(nll)‖ / (‖∇_W g‖ + 1e-4), 0, max),  W = decoder.conv_out.weight
            (λ is a constant for the update: no gradient flows through it)
 
 Discriminator loss on *detached* reconstructions: hinge or vanilla, plus optional LeCam.
@@ -19,10 +19,10 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from ..config import LossConfig
+from ..config import GANConfig, ReconstructionConfig
 from ..distributed import all_reduce_mean_
+from .base import reduce_elements
 from .discriminator import discriminator_loss, generator_loss, lecam_regularizer
-from .regularizers import reduce_elements
 
 
 def adaptive_gan_weight(reconstructions: torch.Tensor, grad_nll: torch.Tensor, grad_g: torch.Tensor,
@@ -42,26 +42,26 @@ def adaptive_gan_weight(reconstructions: torch.Tensor, grad_nll: torch.Tensor, g
 
 
 class AutoencoderLoss(nn.Module):
-    def __init__(self, cfg: LossConfig, perceptual: Optional[nn.Module] = None):
+    def __init__(self, reconstruction: ReconstructionConfig, gan: GANConfig, perceptual: Optional[nn.Module] = None):
         super().__init__()
-        self.cfg = cfg
-        self.perceptual = perceptual if cfg.perceptual_weight > 0 else None
+        self.rec, self.gan = reconstruction, gan
+        self.perceptual = perceptual if reconstruction.perceptual_weight > 0 else None
         # LeCam anchors: moving averages of the discriminator's mean logits.
         self.register_buffer("lecam_ema_real", torch.zeros(()))
         self.register_buffer("lecam_ema_fake", torch.zeros(()))
 
     def gan_active(self, step: int) -> bool:
-        return self.cfg.disc_weight > 0 and step >= self.cfg.disc_start
+        return self.gan.weight > 0 and step >= self.gan.start
 
     def reconstruction_terms(self, inputs: torch.Tensor, reconstructions: torch.Tensor) -> Tuple[torch.Tensor, Dict]:
         """Per-pixel reconstruction term rec (B, C, H, W) in fp32, before the log-variance."""
         x, x_hat = inputs.float(), reconstructions.float()
-        pixel = (x - x_hat).abs() if self.cfg.pixel_loss == "l1" else (x - x_hat).pow(2)
-        rec = self.cfg.pixel_weight * pixel
+        pixel = (x - x_hat).abs() if self.rec.pixel_loss == "l1" else (x - x_hat).pow(2)
+        rec = self.rec.pixel_weight * pixel
         logs = {"pixel": pixel.detach().mean()}
         if self.perceptual is not None:
             p = self.perceptual(inputs, reconstructions).float()  # (B, 1, 1, 1)
-            rec = rec + self.cfg.perceptual_weight * p
+            rec = rec + self.rec.perceptual_weight * p
             logs["lpips"] = p.detach().mean()
         return rec, logs
 
@@ -85,26 +85,26 @@ class AutoencoderLoss(nn.Module):
         rec, logs = self.reconstruction_terms(inputs, reconstructions)
         logvar = logvar.float()
         nll = rec / torch.exp(logvar) + logvar
-        nll_loss = reduce_elements(nll, self.cfg.reduction)
+        nll_loss = reduce_elements(nll, self.rec.reduction)
         regularizer_loss = regularizer_loss.float()
         total = nll_loss + regularizer_loss
         objective = total
         logs.update(nll=nll_loss.detach(), regularizer=regularizer_loss.detach(), logvar=logvar.detach())
         if discriminator is not None and self.gan_active(step):
             logits_fake = discriminator(reconstructions).float()
-            g_loss = generator_loss(self.cfg.disc_loss, logits_fake)
-            if self.cfg.adaptive_weight and last_layer is not None:
+            g_loss = generator_loss(self.gan.loss, logits_fake)
+            if self.gan.adaptive_weight and last_layer is not None:
                 grad_nll, grad_g = (torch.autograd.grad(loss, reconstructions, retain_graph=True)[0]
                                     for loss in (nll_loss, g_loss))
-                weight = self.cfg.disc_weight * adaptive_gan_weight(
-                    reconstructions, grad_nll, grad_g, last_layer, self.cfg.adaptive_weight_max)
+                weight = self.gan.weight * adaptive_gan_weight(
+                    reconstructions, grad_nll, grad_g, last_layer, self.gan.adaptive_weight_max)
                 objective = (reconstructions.float() * (grad_nll.float() + weight * grad_g.float())).sum()
                 objective = objective + regularizer_loss
                 if logvar.requires_grad:  # the NLL's direct dependence on the learned log-variance
                     objective = objective + reduce_elements(rec.detach() / torch.exp(logvar) + logvar,
-                                                            self.cfg.reduction)
+                                                            self.rec.reduction)
             else:
-                weight = torch.full((), self.cfg.disc_weight, device=g_loss.device)
+                weight = torch.full((), self.gan.weight, device=g_loss.device)
                 objective = total + weight * g_loss
             total = total + weight * g_loss.detach()
             logs.update(g_loss=g_loss.detach(), gan_weight=weight)
@@ -126,15 +126,15 @@ class AutoencoderLoss(nn.Module):
         else:
             logits_real = discriminator(inputs.detach()).float()
             logits_fake = discriminator(fake).float()
-        loss = discriminator_loss(self.cfg.disc_loss, logits_real, logits_fake)
+        loss = discriminator_loss(self.gan.loss, logits_real, logits_fake)
         logs = {"d_loss": loss.detach(), "logits_real": logits_real.detach().mean(),
                 "logits_fake": logits_fake.detach().mean()}
-        if self.cfg.lecam_weight > 0:
+        if self.gan.lecam_weight > 0:
             means = all_reduce_mean_(torch.stack([logits_real.detach().mean(), logits_fake.detach().mean()]))
-            decay = self.cfg.lecam_decay
+            decay = self.gan.lecam_decay
             self.lecam_ema_real.mul_(decay).add_((1 - decay) * means[0])
             self.lecam_ema_fake.mul_(decay).add_((1 - decay) * means[1])
             lecam = lecam_regularizer(logits_real, logits_fake, self.lecam_ema_real, self.lecam_ema_fake)
-            loss = loss + self.cfg.lecam_weight * lecam
+            loss = loss + self.gan.lecam_weight * lecam
             logs["lecam"] = lecam.detach()
         return loss, logs

@@ -14,6 +14,7 @@ import lpips
 import torch
 from torch import nn
 
+from ..errors import PerceptualWeightsUnavailable
 from ..weights import pretrained_weights
 
 BACKBONE_URLS = {
@@ -22,15 +23,11 @@ BACKBONE_URLS = {
 }
 
 
-class PerceptualWeightsUnavailable(RuntimeError):
-    """The LPIPS backbone weights are neither given, cached, nor downloadable."""
-
-
 def _backbone_state(net: str, weights_path: Optional[str]) -> Dict[str, torch.Tensor]:
     return pretrained_weights(
         BACKBONE_URLS[net], weights_path, PerceptualWeightsUnavailable, f"LPIPS ({net})",
-        "it (training: loss.perceptual_weights={path}; eval/score: --lpips-weights {path}); or train "
-        "without the perceptual loss: loss.perceptual_weight=0")
+        "it (training: reconstruction.perceptual_weights={path}; eval/score: --lpips-weights {path}); or train "
+        "without the perceptual loss: reconstruction.perceptual_weight=0")
 
 
 def _load_backbone(model: lpips.LPIPS, state: Dict[str, torch.Tensor], net: str) -> None:

@@ -31,13 +31,23 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 
 import torch
 
-from .data import Failure, ImageSource
-from .distributed import all_reduce_sum_
-from .encoding import autocast
-from .evaluation import (EvalDataset, EvalOptions, EvalResult, MetricNetworks, RunningMoments,
-                         build_metric_networks, collate_eval_batch, evaluate, process_state, tiling)
+from ..data.sources import Failure, ImageSource
+from ..distributed import all_reduce_sum_
+from ..models.stock import Autoencoder, from_diffusion_latents, is_vq, latent_channels, to_diffusion_latents
+from ..models.tiling import tiling
+from ..runtime import autocast
+from .evaluation import (
+    EvalDataset,
+    EvalOptions,
+    EvalResult,
+    MetricNetworks,
+    RunningMoments,
+    build_metric_networks,
+    collate_eval_batch,
+    evaluate,
+    process_state,
+)
 from .metrics import psnr_per_image, ssim_per_image
-from .models import Autoencoder, from_diffusion_latents, is_vq, latent_channels, to_diffusion_latents
 
 DROP_IN_DRIFT = 0.03
 CHECK_DRIFT = 0.15
@@ -203,7 +213,7 @@ def _drift_and_cross_decode(model_a: Autoencoder, model_b: Autoencoder, source: 
         if batch["pixel_values"] is None:
             continue
         images = batch["pixel_values"].to(state.device)
-        with tiling(model_a, options), tiling(model_b, options), autocast(state.device, options.precision):
+        with tiling(model_a, options.tiled, options.tile_size, options.tile_overlap), tiling(model_b, options.tiled, options.tile_size, options.tile_overlap), autocast(state.device, options.precision):
             latents_a, latents_b = encode_latents(model_a, images).float(), encode_latents(model_b, images).float()
             scaled_a = to_diffusion_latents(model_a, latents_a)
             drift.update(latents_a, latents_b, scaled_a, to_diffusion_latents(model_b, latents_b))

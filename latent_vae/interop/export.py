@@ -10,7 +10,7 @@ from typing import Dict, Iterable, Optional
 
 import torch
 
-from .models import Autoencoder, count_parameters, downsample_factor, is_vq, latent_channels
+from ..models.stock import Autoencoder, count_parameters, downsample_factor, is_vq, latent_channels
 
 
 @torch.no_grad()

@@ -21,9 +21,11 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from .compare import CHECK_DRIFT, latent_drift
-from .data import crop_image, sample_photo_sources, to_tensor
-from .models import Autoencoder, downsample_factor, is_vq, latent_channels
+from ..data.sources import sample_photo_sources
+from ..data.transforms import crop_image, to_tensor
+from ..errors import IncompatibleVAE
+from ..evaluate.compare import CHECK_DRIFT, latent_drift
+from ..models.stock import Autoencoder, downsample_factor, is_vq, latent_channels
 
 VAE_COMPONENTS = ("vae", "vqvae")
 SCALING_KEYS = ("scaling_factor", "shift_factor", "latents_mean", "latents_std")
@@ -31,10 +33,6 @@ SCALING_KEYS = ("scaling_factor", "shift_factor", "latents_mean", "latents_std")
 
 class LatentDriftWarning(UserWarning):
     """The new autoencoder's encoder maps images to different latents than the pipeline's original."""
-
-
-class IncompatibleVAE(ValueError):
-    """The autoencoder cannot serve the pipeline's diffusion model (latent shape differs)."""
 
 
 def check_images(resolution: int = 256) -> torch.Tensor:

@@ -16,12 +16,10 @@ from typing import Union
 import numpy as np
 from PIL import Image, ImageOps
 
+from ..errors import ImageReadError
+
 # Alpha is composited over this background (what a viewer shows for a transparent PNG).
 ALPHA_BACKGROUND = (255, 255, 255)
-
-
-class ImageReadError(Exception):
-    """An input that cannot be turned into an RGB image; ``str()`` is the reason."""
 
 
 ImageInput = Union[str, Path, bytes, dict, Image.Image]

@@ -34,7 +34,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, images_help: str, imag
 
 def load_model_from_args(args: argparse.Namespace):
     """The autoencoder named by ``--model`` / ``--subfolder``, fp32, eval mode, on ``--device``."""
-    from .common import load_model, resolve_device
+    from ..latent_tools.common import load_model, resolve_device
 
     return load_model(args.model, resolve_device(args.device), args.subfolder)
 

@@ -22,13 +22,11 @@ from typing import Any, Dict, List, Optional
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..errors import CheckpointError
+
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 _NAME = re.compile(r"^checkpoint-(\d{8})$")
-
-
-class CheckpointError(RuntimeError):
-    pass
 
 
 def checkpoint_name(step: int) -> str:

@@ -3,49 +3,35 @@
 A regulariser takes the encoder's output and returns the latents the decoder consumes,
 its (already weighted) contribution to the generator loss, and named values to log.
 
-Reduction convention (``loss.reduction``), shared with the reconstruction term:
+Reduction convention (``reconstruction.reduction``), shared with the reconstruction term:
 ``sum``  — summed over all latent elements (C·h·w), averaged over the batch (latent-diffusion);
 ``mean`` — averaged over all elements (taming-transformers).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Optional
 
 import torch
 from torch import nn
 
-from ..config import LossConfig
+from ..config import KLConfig
+from .base import RegularizerOutput, reduce_elements
 
 
-def reduce_elements(values: torch.Tensor, reduction: str) -> torch.Tensor:
-    """Sum over non-batch dims and mean over the batch (``sum``), or mean over everything."""
-    if reduction == "sum":
-        return values.sum() / values.shape[0]
-    return values.mean()
+def kl_weight_at(step: int, cfg: KLConfig) -> float:
+    """The KL weight β at a training step under ``regularizer.kl.schedule``.
 
-
-@dataclass
-class RegularizerOutput:
-    latents: torch.Tensor
-    loss: torch.Tensor
-    logs: Dict[str, torch.Tensor] = field(default_factory=dict)
-
-
-def kl_weight_at(step: int, cfg: LossConfig) -> float:
-    """The KL weight β at a training step under ``loss.kl_schedule``.
-
-    constant: β. linear: β·min(1, step / kl_warmup_steps) (KL annealing, Bowman et al. 2016).
-    cyclical: within each cycle of ``kl_cycle_steps``, β rises linearly over the first
-    ``kl_cycle_ratio`` of the cycle and stays at β for the rest (Fu et al. 2019).
+    constant: β. linear: β·min(1, step / warmup_steps) (KL annealing, Bowman et al. 2016).
+    cyclical: within each cycle of ``cycle_steps``, β rises linearly over the first
+    ``cycle_ratio`` of the cycle and stays at β for the rest (Fu et al. 2019).
     """
-    if cfg.kl_schedule == "linear" and cfg.kl_warmup_steps > 0:
-        return cfg.kl_weight * min(1.0, step / cfg.kl_warmup_steps)
-    if cfg.kl_schedule == "cyclical":
-        phase = (step % cfg.kl_cycle_steps) / cfg.kl_cycle_steps
-        return cfg.kl_weight * min(1.0, phase / cfg.kl_cycle_ratio)
-    return cfg.kl_weight
+    if cfg.schedule == "linear" and cfg.warmup_steps > 0:
+        return cfg.weight * min(1.0, step / cfg.warmup_steps)
+    if cfg.schedule == "cyclical":
+        phase = (step % cfg.cycle_steps) / cfg.cycle_steps
+        return cfg.weight * min(1.0, phase / cfg.cycle_ratio)
+    return cfg.weight
 
 
 def channel_activity(posterior_mean: torch.Tensor) -> torch.Tensor:
@@ -65,14 +51,14 @@ ACTIVE_UNIT_THRESHOLD = 0.01
 class KLRegularizer(nn.Module):
     """KL(q(z|x) ‖ N(0, I)) = ½ Σ (μ² + σ² − 1 − log σ²), log σ² clamped to [−30, 20] by diffusers.
 
-    With ``loss.free_bits`` > 0 each latent channel's KL (per element, batch mean) is floored at
+    With ``regularizer.kl.free_bits`` > 0 each latent channel's KL (per element, batch mean) is floored at
     that many nats, so channels below the floor get no gradient from the KL term
     (Kingma et al. 2016) — a guard against posterior collapse at large β.
     """
 
-    def __init__(self, cfg: LossConfig):
+    def __init__(self, cfg: KLConfig, reduction: str):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.reduction = cfg, reduction
 
     def forward(self, posterior, noise: Optional[torch.Tensor], step: int) -> RegularizerOutput:
         mean, logvar = posterior.mean.float(), posterior.logvar.float()
@@ -82,12 +68,12 @@ class KLRegularizer(nn.Module):
         if self.cfg.free_bits > 0:
             floored = torch.clamp(kl_per_channel, min=self.cfg.free_bits)
             spatial = kl.shape[2] * kl.shape[3]
-            kl_loss = floored.sum() * spatial if self.cfg.reduction == "sum" else floored.mean()
+            kl_loss = floored.sum() * spatial if self.reduction == "sum" else floored.mean()
         else:
-            kl_loss = reduce_elements(kl, self.cfg.reduction)
+            kl_loss = reduce_elements(kl, self.reduction)
         weight = kl_weight_at(step, self.cfg)
         logs = {
-            "kl": reduce_elements(kl.detach(), self.cfg.reduction),
+            "kl": reduce_elements(kl.detach(), self.reduction),
             "kl_weight": weight,
             "kl_per_channel": kl_per_channel.detach(),
             "channel_activity": channel_activity(mean.detach()),

@@ -4,20 +4,20 @@ The codebook *is* ``vae.quantize.embedding``: whatever changes it during trainin
 EMA updates, dead-code restarts), the exported model runs plain nearest-neighbour lookup
 in that embedding, exactly what ``diffusers.VQModel`` does at inference.
 
-Loss (van den Oord et al. 2017), with sg = stop-gradient and β = ``loss.commitment_beta``:
+Loss (van den Oord et al. 2017), with sg = stop-gradient and β = ``regularizer.vq.beta``:
 
     correct form:  ‖sg[z] − e‖² + β‖z − sg[e]‖²      (β on the commitment term)
     legacy form:   β‖sg[z] − e‖² + ‖z − sg[e]‖²      (taming ``legacy=True`` / diffusers' VectorQuantizer)
     EMA codebook:  β‖z − sg[e]‖²                      (the codebook is updated by moving averages)
 
-scaled by ``loss.codebook_weight`` and reduced like the reconstruction term (``loss.reduction``).
+scaled by ``regularizer.vq.weight`` and reduced like the reconstruction term (``reconstruction.reduction``).
 Gradients reach the encoder through the straight-through estimator z_q = z + sg[e − z].
 
 Codebook health, all decided identically on every process (statistics are all-reduced,
 encoder outputs all-gathered in rank order, random choices seeded by step):
-- EMA updates with Laplace smoothing of the cluster sizes (``quantizer.ema_decay``);
-- dead-code restart: a code unused for ``quantizer.dead_after`` forward passes is re-initialised
-  from a random recent encoder output (``quantizer.restart_dead``);
+- EMA updates with Laplace smoothing of the cluster sizes (``regularizer.vq.ema_decay``);
+- dead-code restart: a code unused for ``regularizer.vq.dead_after`` forward passes is re-initialised
+  from a random recent encoder output (``regularizer.vq.restart_dead``);
 - usage, perplexity and dead-code counts in the logs.
 """
 
@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import LossConfig, QuantizerConfig
+from ..config import VQConfig
 from ..distributed import all_gather_cat, all_reduce_sum_
-from .regularizers import RegularizerOutput, reduce_elements
+from .base import RegularizerOutput, reduce_elements
 
 # Tokens per chunk of the distance computation: bounds the (tokens × codes) matrix.
 _DISTANCE_ELEMENTS = 1 << 24
@@ -63,11 +63,11 @@ def normalize_codebook_(embedding: nn.Embedding) -> None:
 
 
 class VectorQuantizerTrainer(nn.Module):
-    def __init__(self, embedding: nn.Embedding, loss_cfg: LossConfig, cfg: QuantizerConfig, seed: int):
+    def __init__(self, embedding: nn.Embedding, cfg: VQConfig, reduction: str, seed: int):
         super().__init__()
         # Not registered as a submodule: the weight belongs to (and is saved with) the VQModel.
         self.__dict__["embedding"] = embedding
-        self.loss_cfg, self.cfg, self.seed = loss_cfg, cfg, seed
+        self.cfg, self.reduction, self.seed = cfg, reduction, seed
         num_codes, dim = embedding.weight.shape
         if cfg.ema_decay is not None:
             embedding.weight.requires_grad_(False)
@@ -101,19 +101,19 @@ class VectorQuantizerTrainer(nn.Module):
         shape = (batch, height, width, dim)
         commitment = (z - quantized.detach()).pow(2).reshape(shape)
         codebook_term = (z.detach() - quantized).pow(2).reshape(shape)
-        beta = self.loss_cfg.commitment_beta
+        beta = self.cfg.beta
         if self.cfg.ema_decay is not None:
             elementwise = beta * commitment
-        elif self.loss_cfg.legacy_beta:
+        elif self.cfg.legacy_beta:
             elementwise = beta * codebook_term + commitment
         else:
             elementwise = codebook_term + beta * commitment
-        loss = self.loss_cfg.codebook_weight * reduce_elements(elementwise, self.loss_cfg.reduction)
+        loss = self.cfg.weight * reduce_elements(elementwise, self.reduction)
 
         straight_through = z + (quantized - z).detach()
         latents = straight_through.reshape(shape).permute(0, 3, 1, 2).contiguous().to(h.dtype)
-        logs = {"codebook_loss": reduce_elements(codebook_term.detach(), self.loss_cfg.reduction),
-                "commitment_loss": reduce_elements(commitment.detach(), self.loss_cfg.reduction)}
+        logs = {"codebook_loss": reduce_elements(codebook_term.detach(), self.reduction),
+                "commitment_loss": reduce_elements(commitment.detach(), self.reduction)}
         if self.training:
             logs.update(self._maintain_codebook(z.detach(), indices, step))
         return RegularizerOutput(latents=latents, loss=loss, logs=logs)
@@ -148,7 +148,7 @@ class VectorQuantizerTrainer(nn.Module):
         self.embedding.weight.copy_(F.normalize(new, dim=1) if self.cfg.l2_normalize else new)
 
     def _generator(self, step: int, stream: int) -> torch.Generator:
-        from ..data import derive_seed
+        from ..seeding import derive_seed
 
         return torch.Generator().manual_seed(derive_seed(self.seed, 2, stream, step, self._forwards))
 

@@ -35,9 +35,9 @@ import torch
 from diffusers import AutoencoderKL, VQModel
 from safetensors.torch import save_file
 
-from .checkpoint import CheckpointError
-from .models import Autoencoder, is_vq
-from .weights import UnreadableWeights, read_weights
+from ..errors import ConversionError, UnreadableWeights
+from ..models.stock import Autoencoder, is_vq
+from ..weights import read_weights
 
 CONFIG_METADATA_KEY = "latent_vae.diffusers_config"
 # Keys of a full Stable Diffusion / latent-diffusion checkpoint that hold its first stage.
@@ -48,10 +48,6 @@ VAE_MODULES = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.", "quant
 # The scaling factor every SD 1.x/2.x VAE uses; diffusers' from_single_file assumes it too.
 SD_SCALING_FACTOR = 0.18215
 ATTENTION_PROJECTIONS = (".to_q.weight", ".to_k.weight", ".to_v.weight", ".to_out.0.weight")
-
-
-class ConversionError(CheckpointError):
-    """A single-file checkpoint that cannot be read or mapped onto the diffusers model."""
 
 
 # --------------------------------------------------------------------------- key mapping

@@ -27,25 +27,24 @@ from accelerate.utils import DistributedDataParallelKwargs
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..config import Config, config_to_dict, save_config
+from ..data.datasets import TrainBatchSampler, TrainDataset, ValidationDataset, collate
+from ..data.sources import Failure, split_train_val
+from ..distributed import all_reduce_sum_, world_size
+from ..errors import TrainingError
+from ..evaluate.metrics import psnr_per_image, ssim_per_image
+from ..interop.export import compute_scaling_factor, save_diffusers_model, write_model_card
+from ..losses import AutoencoderLoss, build_regularizer, PatchDiscriminator, PerceptualLoss, PerceptualWeightsUnavailable, build_lpips
+from ..losses.kl import ACTIVE_UNIT_THRESHOLD
+from ..losses.vq import normalize_codebook_
+from ..models.loading import build_autoencoder
+from ..models.stock import count_parameters, is_vq, reconstruct
+from ..runtime import compile_modules
 from . import checkpoint as ckpt
-from .config import Config, config_to_dict, save_config
-from .data import (Failure, TrainBatchSampler, TrainDataset, ValidationDataset, collate,
-                   split_train_val)
-from .distributed import all_reduce_sum_, world_size
 from .ema import EMA
-from .engine import TrainableAutoencoder, build_regularizer
-from .export import compute_scaling_factor, save_diffusers_model, write_model_card
-from .losses.quantizer import normalize_codebook_
-from .losses.regularizers import ACTIVE_UNIT_THRESHOLD
-from .losses import AutoencoderLoss, PatchDiscriminator, PerceptualLoss, PerceptualWeightsUnavailable, build_lpips
-from .metrics import psnr_per_image, ssim_per_image
-from .models import build_autoencoder, count_parameters, is_vq, reconstruct
+from .trainable import TrainableAutoencoder
 
 logger = logging.getLogger("latent_vae")
-
-
-class TrainingError(RuntimeError):
-    """The run cannot continue; the message says why and what was saved."""
 
 
 @dataclass
@@ -64,17 +63,6 @@ class RunSummary:
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def reset_accelerate_state() -> None:
-    """Forget Accelerate's process-wide state, so that another ``train()`` in this process may use
-    other settings (e.g. another mixed precision): notebooks, benchmarks and tests."""
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
-
 
 
 def effective_learning_rate(cfg: Config, num_processes: int) -> float:
@@ -124,23 +112,23 @@ def setup_logging(output_dir: Path, is_main: bool) -> None:
 
 def load_perceptual(cfg: Config) -> Optional[PerceptualLoss]:
     """LPIPS with real weights, or None with a logged reason; errors before the first step."""
-    loss = cfg.loss
-    if loss.perceptual_weight == 0:
-        logger.info("perceptual loss: off (loss.perceptual_weight=0)")
+    reconstruction = cfg.reconstruction
+    if reconstruction.perceptual_weight == 0:
+        logger.info("perceptual loss: off (reconstruction.perceptual_weight=0)")
         return None
     try:
-        network = build_lpips(loss.perceptual_net, loss.perceptual_weights)
+        network = build_lpips(reconstruction.perceptual_net, reconstruction.perceptual_weights)
     except PerceptualWeightsUnavailable as err:
-        if loss.perceptual_if_unavailable == "disable":
+        if reconstruction.perceptual_if_unavailable == "disable":
             logger.warning("perceptual loss: DISABLED for this run, because %s "
-                           "(loss.perceptual_if_unavailable=disable; the run continues with "
-                           "loss.perceptual_weight=0)", err)
-            loss.perceptual_weight = 0.0
+                           "(reconstruction.perceptual_if_unavailable=disable; the run continues with "
+                           "reconstruction.perceptual_weight=0)", err)
+            reconstruction.perceptual_weight = 0.0
             return None
         raise
-    source = loss.perceptual_weights or "torch hub cache"
+    source = reconstruction.perceptual_weights or "torch hub cache"
     logger.info("perceptual loss: LPIPS-%s, weight %g, backbone weights from %s",
-                loss.perceptual_net, loss.perceptual_weight, source)
+                reconstruction.perceptual_net, reconstruction.perceptual_weight, source)
     return PerceptualLoss(network)
 
 
@@ -247,7 +235,7 @@ class CollapseMonitor:
         channels = sum(1 for k in scalars if k.startswith("channel_activity/"))
         if active < channels and active != self.last_active:
             logger.warning("step %d: only %d of %d latent channels are active (posterior collapse?); "
-                           "consider a lower loss.kl_weight or loss.free_bits", step, active, channels)
+                           "consider a lower regularizer.kl.weight or regularizer.kl.free_bits", step, active, channels)
         self.last_active = active
 
 
@@ -311,11 +299,11 @@ def train(config: Config, output_dir: str | Path, resume: Optional[str] = None) 
         vae.enable_gradient_checkpointing()
     # Fine-tuning an existing VAE: keep its starting weights to report how far the latents moved.
     initial_vae = copy.deepcopy(vae).eval().requires_grad_(False) if cfg.model.pretrained else None
-    model = TrainableAutoencoder(vae, build_regularizer(vae, cfg), cfg.loss.logvar_init, cfg.loss.learn_logvar)
-    discriminator = PatchDiscriminator(3, cfg.loss.disc_channels, cfg.loss.disc_layers, cfg.loss.disc_norm)
-    if cfg.loss.disc_norm == "sync_batch" and accelerator.num_processes > 1:
+    model = TrainableAutoencoder(vae, build_regularizer(vae, cfg), cfg.reconstruction.logvar_init, cfg.reconstruction.learn_logvar)
+    discriminator = PatchDiscriminator(3, cfg.gan.channels, cfg.gan.layers, cfg.gan.norm)
+    if cfg.gan.norm == "sync_batch" and accelerator.num_processes > 1:
         discriminator = nn.SyncBatchNorm.convert_sync_batchnorm(discriminator)
-    loss_fn = AutoencoderLoss(cfg.loss, load_perceptual(cfg)).to(device)
+    loss_fn = AutoencoderLoss(cfg.reconstruction, cfg.gan, load_perceptual(cfg)).to(device)
     ema = EMA(vae, cfg.train.ema_decay).to(device) if cfg.train.ema_decay else None
     if cfg.train.channels_last:
         for module in (model, discriminator, loss_fn):
@@ -349,7 +337,7 @@ def train(config: Config, output_dir: str | Path, resume: Optional[str] = None) 
     model, discriminator = accelerator.prepare(model, discriminator)
     model_core: TrainableAutoencoder = accelerator.unwrap_model(model)
     disc_core: nn.Module = accelerator.unwrap_model(discriminator)
-    concat_real_fake = cfg.loss.disc_norm != "sync_batch"
+    concat_real_fake = cfg.gan.norm != "sync_batch"
 
     # ---------------------------------------------------------------- resume
     step, skipped_steps = 0, 0
@@ -382,7 +370,7 @@ def train(config: Config, output_dir: str | Path, resume: Optional[str] = None) 
     def inference_model(use_ema: bool = True):
         """What validation, previews and export use: the EMA weights if kept, as a stock model."""
         vae = ema.shadow if (ema is not None and use_ema) else model_core.vae
-        if is_vq(vae) and cfg.quantizer.l2_normalize:
+        if is_vq(vae) and cfg.regularizer.vq.l2_normalize:
             normalize_codebook_(vae.quantize.embedding)  # averaged/updated unit codes, back on the sphere
         return vae
 
@@ -534,7 +522,7 @@ def train(config: Config, output_dir: str | Path, resume: Optional[str] = None) 
 
     latent_drift_report = None
     if initial_vae is not None and val_loader is not None and not stopped_early:
-        from .compare import latent_drift
+        from ..evaluate.compare import latent_drift
 
         latent_drift_report = latent_drift(initial_vae.to(device), inference_model(),
                                            (b["pixel_values"] for b in val_loader if b["pixel_values"] is not None))
@@ -558,21 +546,6 @@ def train(config: Config, output_dir: str | Path, resume: Optional[str] = None) 
 
 
 # --------------------------------------------------------------------------- pieces of the run
-
-
-def compile_modules(modules: List[nn.Module], backend: str) -> None:
-    """``torch.compile`` in place (state-dict keys unchanged); a module that cannot be compiled
-    falls back to eager execution with a warning instead of failing the run."""
-    import torch._dynamo
-
-    if not torch._dynamo.is_dynamo_supported():
-        logger.warning("train.compile: torch.compile is not supported here (Python %s); running eagerly",
-                       sys.version.split()[0])
-        return
-    torch._dynamo.config.suppress_errors = True
-    for module in modules:
-        module.compile(backend=backend)
-    logger.info("compiled %d modules with torch.compile(backend=%s)", len(modules), backend)
 
 
 def _no_sync(accelerator: Accelerator, models: List[nn.Module], sync: bool):

@@ -11,18 +11,17 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-import torch
 from PIL import Image
 
-from .config import DataConfig
-from .images import ImageReadError, check_header, load_image
+from ..config import DataConfig
+from ..errors import DataError, ImageReadError
+from .images import check_header, load_image
 
 logger = logging.getLogger(__name__)
 
@@ -34,10 +33,6 @@ SAMPLE_TRAIN_PHOTOS = ("astronaut.png", "hubble_deep_field.jpg", "ihc.png", "mot
                        "retina.jpg", "rocket.jpg", "camera.png", "coins.png", "moon.png",
                        "brick.png", "grass.png", "gravel.png")
 SAMPLE_VAL_PHOTOS = ("chelsea.png", "coffee.png")
-
-
-class DataError(ValueError):
-    """A dataset that cannot be used at all (empty, missing column...), with the fix."""
 
 
 @dataclass
@@ -279,145 +274,11 @@ def split_train_val(cfg: DataConfig) -> Tuple[ImageSource, Optional[ImageSource]
 # --------------------------------------------------------------------------- preprocessing
 
 
-def resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
-    width, height = image.size
-    scale = size / min(width, height)
-    if scale == 1.0:
-        return image
-    new_size = (max(size, round(width * scale)), max(size, round(height * scale)))
-    return image.resize(new_size, Image.BICUBIC, reducing_gap=3.0 if scale < 1 else None)
-
-
-def to_tensor(image: Image.Image) -> torch.Tensor:
-    """HWC uint8 -> CHW float in [-1, 1]."""
-    array = np.asarray(image, dtype=np.uint8)
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div(127.5).sub(1.0)
-
-
-def crop_image(image: Image.Image, resolution: int, resize: Optional[int], crop: str, hflip: bool,
-               rng: random.Random) -> Image.Image:
-    """Resize the shorter side to ``resize`` (default: ``resolution``; 0 keeps the size, upscaling
-    only images smaller than the crop), then a random or centre square crop, then a random flip."""
-    target = resolution if resize is None else resize
-    shorter = min(image.size)
-    if target > 0:
-        image = resize_shorter_side(image, max(target, resolution))
-    elif shorter < resolution:
-        image = resize_shorter_side(image, resolution)
-    width, height = image.size
-    if crop == "random":
-        left, top = rng.randint(0, width - resolution), rng.randint(0, height - resolution)
-    else:
-        left, top = (width - resolution) // 2, (height - resolution) // 2
-    image = image.crop((left, top, left + resolution, top + resolution))
-    if hflip and rng.random() < 0.5:
-        image = image.transpose(Image.FLIP_LEFT_RIGHT)
-    return image
-
-
 # --------------------------------------------------------------------------- datasets
-
-
-class TrainDataset(torch.utils.data.Dataset):
-    """Training crops keyed by ``(index, seed)``; the seed drives crop, flip and posterior noise.
-
-    An input that fails to decode is replaced by the next one in the source (deterministically)
-    and reported in the sample's ``failures`` so the trainer can count and log it.
-    """
-
-    def __init__(self, source: ImageSource, cfg: DataConfig):
-        self.source, self.cfg = source, cfg
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def __getitem__(self, key: Tuple[int, int]) -> Dict[str, Any]:
-        index, seed = key
-        failures = []
-        for offset in range(len(self.source)):
-            position = (index + offset) % len(self.source)
-            try:
-                image = self.source.read(position)
-                break
-            except ImageReadError as err:
-                failures.append(Failure(self.source.key(position), str(err)))
-        else:
-            raise DataError(f"none of the {len(self.source)} images in {self.source.name} can be decoded")
-        rng = random.Random(seed)
-        image = crop_image(image, self.cfg.resolution, self.cfg.resize, self.cfg.crop, self.cfg.hflip, rng)
-        return {"pixel_values": to_tensor(image), "seed": seed, "failures": failures}
-
-
-class ValidationDataset(torch.utils.data.Dataset):
-    """Fixed validation crops: the centre crop, or ``crops`` seeded random crops per image."""
-
-    def __init__(self, source: ImageSource, cfg: DataConfig, crops: int = 1):
-        self.source, self.cfg, self.crops = source, cfg, crops
-
-    def __len__(self) -> int:
-        return len(self.source) * self.crops
-
-    def __getitem__(self, index: int) -> Dict[str, Any]:
-        image_index, crop_index = divmod(index, self.crops)
-        try:
-            image = self.source.read(image_index)
-        except ImageReadError as err:
-            return {"pixel_values": None, "failures": [Failure(self.source.key(image_index), str(err))]}
-        mode = "center" if self.crops == 1 else "random"
-        image = crop_image(image, self.cfg.resolution, self.cfg.resize, mode, False, random.Random(index))
-        return {"pixel_values": to_tensor(image), "failures": []}
-
-
-def collate(samples: List[Dict[str, Any]]) -> Dict[str, Any]:
-    """Stack the images; keep per-sample seeds and the failures met while loading them."""
-    kept = [s for s in samples if s["pixel_values"] is not None]
-    batch: Dict[str, Any] = {
-        "pixel_values": torch.stack([s["pixel_values"] for s in kept]) if kept else None,
-        "failures": [f for s in samples for f in s["failures"]],
-    }
-    if kept and "seed" in kept[0]:
-        batch["seeds"] = torch.tensor([s["seed"] for s in kept], dtype=torch.int64)
-    return batch
 
 
 # --------------------------------------------------------------------------- sampling
 
 
-def derive_seed(*entropy: int) -> int:
-    """A 63-bit seed that is a pure function of the given non-negative integers."""
-    return int(np.random.SeedSequence(list(entropy)).generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 
-_SAMPLE, _EPOCH = 0, 1  # seed namespaces
-
-
-class TrainBatchSampler(torch.utils.data.Sampler):
-    """Infinite stream of batches of ``(index, seed)`` keys for one process.
-
-    The sample stream is the concatenation of per-epoch permutations seeded by
-    ``(seed, epoch)``. Micro-batch ``k`` of process ``r`` out of ``P`` holds stream positions
-    ``[(k·P + r)·B, (k·P + r + 1)·B)``; ``start_batch`` resumes mid-stream without replay.
-    """
-
-    def __init__(self, num_items: int, batch_size: int, seed: int, rank: int = 0,
-                 num_processes: int = 1, start_batch: int = 0):
-        self.num_items, self.batch_size, self.seed = num_items, batch_size, seed
-        self.rank, self.num_processes, self.start_batch = rank, num_processes, start_batch
-        self._epoch, self._perm = -1, None
-
-    def _key(self, position: int) -> Tuple[int, int]:
-        epoch, offset = divmod(position, self.num_items)
-        if epoch != self._epoch:
-            generator = torch.Generator().manual_seed(derive_seed(self.seed, _EPOCH, epoch))
-            self._perm, self._epoch = torch.randperm(self.num_items, generator=generator).tolist(), epoch
-        return self._perm[offset], derive_seed(self.seed, _SAMPLE, position)
-
-    def __iter__(self) -> Iterator[List[Tuple[int, int]]]:
-        batch_index = self.start_batch
-        while True:
-            first = (batch_index * self.num_processes + self.rank) * self.batch_size
-            yield [self._key(first + j) for j in range(self.batch_size)]
-            batch_index += 1
-
-    def __len__(self) -> int:  # infinite; DataLoader only needs this for len(), which we never call
-        return 2**62

@@ -14,26 +14,9 @@ from typing import List, Optional
 import torch
 from torch import nn
 
-from .config import Config
-from .losses.regularizers import KLRegularizer, RegularizerOutput
-from .models import Autoencoder, is_vq
-
-_NOISE_SALT = 0x5EED_0F_A0_15E
-
-
-def seeded_normal(seeds: List[int], shape, device, dtype) -> torch.Tensor:
-    """Standard normal noise, one tensor per sample drawn from that sample's own seed.
-
-    The noise of a sample depends only on its seed, not on the batch it lands in or the
-    process computing it — what makes multi-process and resumed runs reproduce exactly.
-    Drawn on the device itself: no host-to-device copy (which would synchronise the step).
-    """
-    device = torch.device(device)
-    return torch.stack([
-        torch.randn(shape, device=device, dtype=dtype,
-                    generator=torch.Generator(device=device).manual_seed(seed ^ _NOISE_SALT))
-        for seed in seeds
-    ])
+from ..losses.base import RegularizerOutput
+from ..models.stock import Autoencoder, is_vq
+from ..seeding import seeded_normal
 
 
 @dataclass
@@ -43,21 +26,13 @@ class AutoencoderOutput:
     logvar: torch.Tensor
 
 
-def build_regularizer(vae: Autoencoder, config: Config) -> nn.Module:
-    if is_vq(vae):
-        from .losses.quantizer import VectorQuantizerTrainer
-
-        return VectorQuantizerTrainer(vae.quantize.embedding, config.loss, config.quantizer, config.train.seed)
-    return KLRegularizer(config.loss)
-
-
 class TrainableAutoencoder(nn.Module):
     def __init__(self, vae: Autoencoder, regularizer: nn.Module, logvar_init: float = 0.0, learn_logvar: bool = False):
         super().__init__()
         self.vae = vae
         self.regularizer = regularizer
         # latent-diffusion's learnable log-variance s of the NLL; frozen at its initial value
-        # (0 in the published recipe, so NLL = rec) unless loss.learn_logvar is set.
+        # (0 in the published recipe, so NLL = rec) unless reconstruction.learn_logvar is set.
         self.logvar = nn.Parameter(torch.tensor(float(logvar_init)), requires_grad=learn_logvar)
 
     @property

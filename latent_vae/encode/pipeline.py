@@ -25,7 +25,6 @@ any stored value back into a tensor, exactly.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import json
@@ -37,17 +36,27 @@ import time
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from PIL import Image
 
-from .config import ConfigError
-from .data import DataError, Failure, ImageSource, derive_seed, open_source
-from .images import ImageReadError
-from .models import Autoencoder, downsample_factor, is_vq, latent_channels, load_autoencoder
-from .tokens import latents_to_indices
+from ..errors import ConfigError
+from ..data.sources import Failure, ImageSource, open_source
+from ..errors import DataError, ImageReadError
+from ..models.loading import load_autoencoder
+from ..models.stock import Autoencoder, downsample_factor, is_vq, latent_channels, latents_to_indices
+from ..models.tiling import configure_tiling
+from ..runtime import (
+    PRECISIONS,
+    _CompiledOrEager,
+    atomic_write_bytes,
+    atomic_write_json,
+    resolve_precision,
+    run_with_fp32_fallback,
+)
+from ..seeding import derive_seed
 
 if TYPE_CHECKING:  # imported where used: `import latent_vae` stays light
     import datasets
@@ -132,8 +141,6 @@ def to_model_input(pixels: torch.Tensor) -> torch.Tensor:
 
 LATENT_MODES = ("mean", "mean_logvar", "sample")
 STORAGE_DTYPES = ("fp32", "fp16", "bf16")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -182,60 +189,6 @@ class EncodeOptions:
 def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
     if value not in choices:
         raise ConfigError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)} (got '{value}')")
-
-
-def resolve_precision(precision: str, device: torch.device, vq: bool = False) -> str:
-    """``auto``: bf16 autocast on a CUDA device that supports it (bf16 has fp32's exponent range,
-    so it cannot overflow like fp16), fp32 elsewhere and for VQ models (a token id is the nearest
-    code: rounding can flip it, and ids must equal stock fp32 ones)."""
-    if precision != "auto":
-        return precision
-    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() and not vq else "fp32"
-
-
-def autocast(device: torch.device, precision: str):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=AUTOCAST_DTYPES[precision])
-
-
-def run_with_fp32_fallback(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, precision: str,
-                           retry: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> Tuple[torch.Tensor, bool]:
-    """``fn(x)`` under ``precision`` autocast, as fp32. A non-finite result (fp16 overflow: black or
-    NaN images in some VAEs) is recomputed in fp32 with ``retry`` (default ``fn``); the flag says so."""
-    with autocast(x.device, precision):
-        out = fn(x).float()
-    if precision == "fp32" or torch.isfinite(out).all():
-        return out, False
-    return (retry or fn)(x).float(), True
-
-
-DEFAULT_TILE_SIZE = 512  # diffusers' tile for the SD VAE; the config's sample_size is often a placeholder
-
-
-def configure_tiling(model: Autoencoder, tile_size: Optional[int], overlap: float) -> None:
-    """diffusers' tiled encode/decode with tiles of ``tile_size`` pixels (default 512) overlapping
-    by ``overlap`` of a tile, blended linearly across the overlap. Images no larger than a tile
-    are processed whole."""
-    if is_vq(model):
-        raise ConfigError("diffusers' VQModel has no tiled encode/decode; drop --tiled")
-    factor = downsample_factor(model)
-    size = tile_size or DEFAULT_TILE_SIZE
-    if size % factor:
-        raise ConfigError(f"--tile-size {size} is not a multiple of the model's downsampling factor {factor}")
-    latent = size // factor
-    # diffusers steps its tiles by int(tile·(1 − overlap)) and crops each blended tile to
-    # tile − int(tile·overlap), in pixels on one side and latents on the other; unless the two
-    # agree, tiles are misplaced and the output has the wrong size (overlap·latent tile whole).
-    encode_stride, encode_crop = int(size * (1 - overlap)), (latent - int(latent * overlap)) * factor
-    decode_stride, decode_crop = int(latent * (1 - overlap)) * factor, size - int(size * overlap)
-    consistent = encode_stride == encode_crop and decode_stride == decode_crop
-    if not consistent or int(latent * overlap) < 1:
-        raise ConfigError(f"--tile-overlap {overlap} does not fit a {size}-pixel tile ({latent} latents): use a "
-                          f"multiple of 1/{latent}, e.g. {max(1, latent // 4) / latent:g}")
-    model.enable_tiling()
-    model.tile_sample_min_size, model.tile_latent_min_size = size, latent
-    model.tile_overlap_factor = overlap
 
 
 # --------------------------------------------------------------------------- storage
@@ -301,30 +254,6 @@ def _features(options: EncodeOptions, vq: bool, passthrough) -> Tuple["datasets.
 
 
 # --------------------------------------------------------------------------- the encoder
-
-
-class _CompiledOrEager:
-    """``torch.compile(fn)``, falling back to ``fn`` (once, with a warning) where compilation
-    is unavailable or fails: no C++ compiler, an unsupported platform or Python version."""
-
-    def __init__(self, fn: Callable, backend: str = "inductor"):
-        self.eager, self.failure = fn, None
-        try:
-            self.compiled = torch.compile(fn, backend=backend)
-        except Exception as err:  # torch.compile raises at construction on unsupported platforms
-            self._fall_back(err)
-
-    def _fall_back(self, err: Exception) -> None:
-        self.failure = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-        logger.warning("torch.compile unavailable (%s); continuing without compilation", self.failure)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.failure is None:
-            try:
-                return self.compiled(x)
-            except Exception as err:  # compilation happens lazily, at the first call of each shape
-                self._fall_back(err)
-        return self.eager(x)
 
 
 class LatentEncoder:
@@ -420,21 +349,6 @@ def _collate(samples: List[Dict[str, Any]]) -> Dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- shards
-
-
-def atomic_write_bytes(path: Path, write: Callable[[Any], None]) -> None:
-    """Write through ``write(handle)`` to a temporary name, fsync, rename: a kill leaves either
-    the previous state or the complete file, never a torn one under the final name."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        write(handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: Path, payload: Any) -> None:
-    atomic_write_bytes(path, lambda h: h.write(json.dumps(payload, indent=1, sort_keys=True).encode()))
 
 
 class _ShardStore:
@@ -901,7 +815,7 @@ def decode_images(model: Autoencoder, latents: torch.Tensor, precision: str = "f
 
 def images_to_uint8(images: torch.Tensor) -> np.ndarray:
     """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8, rounded."""
-    from .metrics import to_unit_range
+    from ..evaluate.metrics import to_unit_range
 
     return to_unit_range(images).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 

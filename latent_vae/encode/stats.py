@@ -20,8 +20,9 @@ from typing import Any, Dict, Iterator, List, Union
 
 import numpy as np
 
-from .config import ConfigError
-from .encoding import atomic_write_bytes, latent_to_tensor, load_latent_dataset, stored_dtype
+from ..errors import ConfigError
+from ..runtime import atomic_write_bytes
+from .pipeline import latent_to_tensor, load_latent_dataset, stored_dtype
 
 # No "both": SDXL-family pipelines apply latents_std *and* scaling_factor, so a config holding
 # the global scale and the per-channel fields would be scaled twice there.

@@ -23,7 +23,6 @@ to feature vectors can replace InceptionV3 (``MetricNetworks(fid_extractor=...)`
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import importlib.util
 import json
@@ -33,25 +32,26 @@ import random
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch import nn
 
-from .config import ConfigError
-from .data import DataError, Failure, ImageSource, crop_image, derive_seed, to_tensor
-from .distributed import all_gather_cat, all_reduce_sum_
-from .encoding import autocast, configure_tiling
-from .engine import seeded_normal
-from .images import ImageReadError
-from .losses.perceptual import PerceptualWeightsUnavailable, build_lpips
-from .losses.quantizer import codebook_statistics
-from .losses.regularizers import ACTIVE_UNIT_THRESHOLD
+from ..errors import ConfigError
+from ..data.sources import Failure, ImageSource
+from ..data.transforms import crop_image, to_tensor
+from ..distributed import all_gather_cat, all_reduce_sum_
+from ..errors import DataError, ImageReadError, InceptionWeightsUnavailable, PerceptualWeightsUnavailable
+from ..losses.kl import ACTIVE_UNIT_THRESHOLD
+from ..losses.perceptual import build_lpips
+from ..losses.vq import codebook_statistics
+from ..models.stock import Autoencoder, downsample_factor, is_vq, latent_channels, latents_to_indices
+from ..models.tiling import tiling
+from ..runtime import autocast
+from ..seeding import derive_seed, seeded_normal
+from ..weights import pretrained_weights
 from .metrics import psnr_per_image, ssim_per_image, to_unit_range
-from .models import Autoencoder, downsample_factor, is_vq, latent_channels
-from .tokens import latents_to_indices
-from .weights import pretrained_weights
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,6 @@ INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.
                  "weights-inception-2015-12-05-6726825d.pth")
 FID_FEATURE_SIZES = (64, 192, 768, 2048)
 PRECISIONS = ("fp32", "bf16", "fp16")
-_TILING_ATTRIBUTES = ("use_tiling", "tile_sample_min_size", "tile_latent_min_size", "tile_overlap_factor")
 
 PROTOCOL = {
     "psnr": "per image on [0,1] (reconstruction clamped), 10*log10(1/MSE), averaged over images",
@@ -74,10 +73,6 @@ PROTOCOL = {
     "active_units": f"latent channels whose posterior-mean variance across images, averaged over positions, "
                     f"exceeds {ACTIVE_UNIT_THRESHOLD}",
 }
-
-
-class InceptionWeightsUnavailable(PerceptualWeightsUnavailable):
-    """The InceptionV3 weights for rFID are neither given, cached, nor downloadable."""
 
 
 @dataclass
@@ -312,21 +307,6 @@ def reconstruct_batch(model: Autoencoder, images: torch.Tensor, indices: Sequenc
     return model.decode(latents).sample, {"kl_per_channel": kl.mean(dim=(2, 3)), "posterior_mean": mean}
 
 
-@contextlib.contextmanager
-def tiling(model: Autoencoder, options: EvalOptions) -> Iterator[None]:
-    """diffusers' tiled encode/decode (``encoding.configure_tiling``) for the duration of the block."""
-    if not options.tiled:
-        yield
-        return
-    saved = {name: getattr(model, name, None) for name in _TILING_ATTRIBUTES}
-    configure_tiling(model, options.tile_size, options.tile_overlap)  # refuses VQ models before any change
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            setattr(model, name, value)
-
-
 def _fid_images(images: torch.Tensor, float_input: bool) -> torch.Tensor:
     unit = to_unit_range(images)
     return unit if float_input else unit.mul(255).round().to(torch.uint8)
@@ -427,7 +407,7 @@ def evaluate(model: Autoencoder, source: ImageSource, options: Optional[EvalOpti
     read_failures: List[Failure] = []
     progress = tqdm(total=len(shard), desc="eval", unit="img", dynamic_ncols=True,
                     disable=not (options.progress and state.is_main_process))
-    with tiling(model, options), torch.no_grad():
+    with tiling(model, options.tiled, options.tile_size, options.tile_overlap), torch.no_grad():
         for batch in loader:
             read_failures += batch["failures"]
             progress.update(len(batch["indices"]) + len(batch["failures"]))
@@ -491,12 +471,12 @@ def _collapse_report(rows: List[Dict[str, Any]], moments: RunningMoments, warnin
 
 
 def _grid(model: Autoencoder, source: ImageSource, indices: List[int], options: EvalOptions) -> np.ndarray:
-    from .training import image_grid
+    from ..train.loop import image_grid
 
     dataset = EvalDataset(source, indices, options.resolution)
     images = torch.stack([dataset[i]["pixel_values"] for i in range(len(indices))])
     device = next(model.parameters()).device
-    with tiling(model, options), autocast(device, options.precision):
+    with tiling(model, options.tiled, options.tile_size, options.tile_overlap), autocast(device, options.precision):
         recon, _ = reconstruct_batch(model, images.to(device), indices, options.sample, options.seed)
     return image_grid(images, recon.float().cpu())
 

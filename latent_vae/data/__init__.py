@@ -1,0 +1,1 @@
+"""Images in: decoding, sources (folders, datasets), crops and training datasets."""

@@ -1,0 +1,110 @@
+"""Training and validation datasets over an image source, and the sampler that makes runs resumable."""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Dict, Iterator, List, Tuple
+
+import torch
+
+from ..config import DataConfig
+from ..errors import DataError, ImageReadError
+from ..seeding import derive_seed
+from .sources import Failure, ImageSource
+from .transforms import crop_image, to_tensor
+
+_SAMPLE, _EPOCH = 0, 1  # seed namespaces
+
+
+class TrainDataset(torch.utils.data.Dataset):
+    """Training crops keyed by ``(index, seed)``; the seed drives crop, flip and posterior noise.
+
+    An input that fails to decode is replaced by the next one in the source (deterministically)
+    and reported in the sample's ``failures`` so the trainer can count and log it.
+    """
+
+    def __init__(self, source: ImageSource, cfg: DataConfig):
+        self.source, self.cfg = source, cfg
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, key: Tuple[int, int]) -> Dict[str, Any]:
+        index, seed = key
+        failures = []
+        for offset in range(len(self.source)):
+            position = (index + offset) % len(self.source)
+            try:
+                image = self.source.read(position)
+                break
+            except ImageReadError as err:
+                failures.append(Failure(self.source.key(position), str(err)))
+        else:
+            raise DataError(f"none of the {len(self.source)} images in {self.source.name} can be decoded")
+        rng = random.Random(seed)
+        image = crop_image(image, self.cfg.resolution, self.cfg.resize, self.cfg.crop, self.cfg.hflip, rng)
+        return {"pixel_values": to_tensor(image), "seed": seed, "failures": failures}
+
+
+class ValidationDataset(torch.utils.data.Dataset):
+    """Fixed validation crops: the centre crop, or ``crops`` seeded random crops per image."""
+
+    def __init__(self, source: ImageSource, cfg: DataConfig, crops: int = 1):
+        self.source, self.cfg, self.crops = source, cfg, crops
+
+    def __len__(self) -> int:
+        return len(self.source) * self.crops
+
+    def __getitem__(self, index: int) -> Dict[str, Any]:
+        image_index, crop_index = divmod(index, self.crops)
+        try:
+            image = self.source.read(image_index)
+        except ImageReadError as err:
+            return {"pixel_values": None, "failures": [Failure(self.source.key(image_index), str(err))]}
+        mode = "center" if self.crops == 1 else "random"
+        image = crop_image(image, self.cfg.resolution, self.cfg.resize, mode, False, random.Random(index))
+        return {"pixel_values": to_tensor(image), "failures": []}
+
+
+def collate(samples: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """Stack the images; keep per-sample seeds and the failures met while loading them."""
+    kept = [s for s in samples if s["pixel_values"] is not None]
+    batch: Dict[str, Any] = {
+        "pixel_values": torch.stack([s["pixel_values"] for s in kept]) if kept else None,
+        "failures": [f for s in samples for f in s["failures"]],
+    }
+    if kept and "seed" in kept[0]:
+        batch["seeds"] = torch.tensor([s["seed"] for s in kept], dtype=torch.int64)
+    return batch
+
+
+class TrainBatchSampler(torch.utils.data.Sampler):
+    """Infinite stream of batches of ``(index, seed)`` keys for one process.
+
+    The sample stream is the concatenation of per-epoch permutations seeded by
+    ``(seed, epoch)``. Micro-batch ``k`` of process ``r`` out of ``P`` holds stream positions
+    ``[(k·P + r)·B, (k·P + r + 1)·B)``; ``start_batch`` resumes mid-stream without replay.
+    """
+
+    def __init__(self, num_items: int, batch_size: int, seed: int, rank: int = 0,
+                 num_processes: int = 1, start_batch: int = 0):
+        self.num_items, self.batch_size, self.seed = num_items, batch_size, seed
+        self.rank, self.num_processes, self.start_batch = rank, num_processes, start_batch
+        self._epoch, self._perm = -1, None
+
+    def _key(self, position: int) -> Tuple[int, int]:
+        epoch, offset = divmod(position, self.num_items)
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(derive_seed(self.seed, _EPOCH, epoch))
+            self._perm, self._epoch = torch.randperm(self.num_items, generator=generator).tolist(), epoch
+        return self._perm[offset], derive_seed(self.seed, _SAMPLE, position)
+
+    def __iter__(self) -> Iterator[List[Tuple[int, int]]]:
+        batch_index = self.start_batch
+        while True:
+            first = (batch_index * self.num_processes + self.rank) * self.batch_size
+            yield [self._key(first + j) for j in range(self.batch_size)]
+            batch_index += 1
+
+    def __len__(self) -> int:  # infinite; DataLoader only needs this for len(), which we never call
+        return 2**62

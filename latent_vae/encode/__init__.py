@@ -1,0 +1,1 @@
+"""Encoding datasets to latents, decoding them back, latent statistics."""

@@ -1,0 +1,1 @@
+"""Metrics, evaluation of one model, comparison of two."""

@@ -1,0 +1,1 @@
+"""Model folders and files in the ecosystem's formats: diffusers export, single files, pipelines."""

@@ -1,0 +1,1 @@
+"""Stock diffusers autoencoders: presets built, models loaded, and what they compute."""

@@ -1,0 +1,95 @@
+"""Architecture presets on the stock diffusers classes, and loading of existing VAEs.
+
+Every preset is a set of constructor arguments for ``diffusers.AutoencoderKL`` or
+``diffusers.VQModel``: what we train is exactly what users load later with
+``from_pretrained``. Sources of the numbers are given per preset.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from diffusers import AutoencoderKL, VQModel
+
+Autoencoder = Union[AutoencoderKL, VQModel]
+
+
+def is_vq(model: Autoencoder) -> bool:
+    return isinstance(model, VQModel)
+
+
+def downsample_factor(model: Autoencoder) -> int:
+    return 2 ** (len(model.config.block_out_channels) - 1)
+
+
+def latent_channels(model: Autoencoder) -> int:
+    if is_vq(model):
+        return model.config.vq_embed_dim or model.config.latent_channels
+    return model.config.latent_channels
+
+
+def count_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def reconstruct(model: Autoencoder, images: torch.Tensor, sample: bool = False,
+                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Inference reconstruction as stock diffusers computes it.
+
+    KL: decode the posterior mean (``sample=True``: a posterior sample). VQ: nearest-code
+    lookup in ``quantize.embedding`` inside ``VQModel.decode``.
+    """
+    if is_vq(model):
+        return model.decode(model.encode(images).latents).sample
+    posterior = model.encode(images).latent_dist
+    latents = posterior.sample(generator=generator) if sample else posterior.mode()
+    return model.decode(latents).sample
+
+
+def _latent_normalisation(model: Autoencoder, like: torch.Tensor):
+    """(offset, scale) with diffusion latents = (z − offset) · scale, as diffusers pipelines apply them."""
+    config = model.config
+    mean, std = config.get("latents_mean"), config.get("latents_std")
+    if mean is not None and std is not None:
+        mean = torch.tensor(mean, device=like.device, dtype=like.dtype).view(1, -1, 1, 1)
+        std = torch.tensor(std, device=like.device, dtype=like.dtype).view(1, -1, 1, 1)
+        return mean, config.scaling_factor / std
+    return config.get("shift_factor") or 0.0, config.scaling_factor
+
+
+def to_diffusion_latents(model: Autoencoder, latents: torch.Tensor) -> torch.Tensor:
+    """What the denoiser of a pipeline built on ``model`` sees for encoder latents ``latents``."""
+    offset, scale = _latent_normalisation(model, latents)
+    return (latents - offset) * scale
+
+
+def from_diffusion_latents(model: Autoencoder, scaled: torch.Tensor) -> torch.Tensor:
+    """The inverse: what the pipeline hands ``model.decode`` for denoiser output ``scaled``."""
+    offset, scale = _latent_normalisation(model, scaled)
+    return scaled / scale + offset
+
+
+@torch.no_grad()
+def latents_to_indices(model: VQModel, latents: torch.Tensor) -> torch.Tensor:
+    """Pre-quantisation latents (``VQModel.encode(x).latents``, B, D, h, w) -> code indices (B, h, w)."""
+    batch, _, height, width = latents.shape
+    return model.quantize(latents)[2][2].reshape(batch, height, width)
+
+
+@torch.no_grad()
+def encode_to_indices(model: VQModel, images: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1], (B, 3, H, W) -> code indices, LongTensor (B, H/f, W/f)."""
+    return latents_to_indices(model, model.encode(images).latents)
+
+
+@torch.no_grad()
+def indices_to_latents(model: VQModel, indices: torch.Tensor) -> torch.Tensor:
+    """Code indices (B, h, w) -> quantised latents (B, D, h, w): codebook rows, channels first."""
+    return model.quantize.embedding(indices).permute(0, 3, 1, 2).contiguous()
+
+
+@torch.no_grad()
+def decode_from_indices(model: VQModel, indices: torch.Tensor) -> torch.Tensor:
+    """Code indices (B, h, w) -> images in [-1, 1]."""
+    return model.decode(indices_to_latents(model, indices), force_not_quantize=True).sample

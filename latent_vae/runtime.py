@@ -1,0 +1,111 @@
+"""How code runs: precision and autocast with fp32 fallback, torch.compile with eager fallback, atomic file writes."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+logger = logging.getLogger("latent_vae")
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_precision(precision: str, device: torch.device, vq: bool = False) -> str:
+    """``auto``: bf16 autocast on a CUDA device that supports it (bf16 has fp32's exponent range,
+    so it cannot overflow like fp16), fp32 elsewhere and for VQ models (a token id is the nearest
+    code: rounding can flip it, and ids must equal stock fp32 ones)."""
+    if precision != "auto":
+        return precision
+    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() and not vq else "fp32"
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=AUTOCAST_DTYPES[precision])
+
+
+def run_with_fp32_fallback(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, precision: str,
+                           retry: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> Tuple[torch.Tensor, bool]:
+    """``fn(x)`` under ``precision`` autocast, as fp32. A non-finite result (fp16 overflow: black or
+    NaN images in some VAEs) is recomputed in fp32 with ``retry`` (default ``fn``); the flag says so."""
+    with autocast(x.device, precision):
+        out = fn(x).float()
+    if precision == "fp32" or torch.isfinite(out).all():
+        return out, False
+    return (retry or fn)(x).float(), True
+
+
+class _CompiledOrEager:
+    """``torch.compile(fn)``, falling back to ``fn`` (once, with a warning) where compilation
+    is unavailable or fails: no C++ compiler, an unsupported platform or Python version."""
+
+    def __init__(self, fn: Callable, backend: str = "inductor"):
+        self.eager, self.failure = fn, None
+        try:
+            self.compiled = torch.compile(fn, backend=backend)
+        except Exception as err:  # torch.compile raises at construction on unsupported platforms
+            self._fall_back(err)
+
+    def _fall_back(self, err: Exception) -> None:
+        self.failure = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        logger.warning("torch.compile unavailable (%s); continuing without compilation", self.failure)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.failure is None:
+            try:
+                return self.compiled(x)
+            except Exception as err:  # compilation happens lazily, at the first call of each shape
+                self._fall_back(err)
+        return self.eager(x)
+
+
+def atomic_write_bytes(path: Path, write: Callable[[Any], None]) -> None:
+    """Write through ``write(handle)`` to a temporary name, fsync, rename: a kill leaves either
+    the previous state or the complete file, never a torn one under the final name."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as handle:
+        write(handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, payload: Any) -> None:
+    atomic_write_bytes(path, lambda h: h.write(json.dumps(payload, indent=1, sort_keys=True).encode()))
+
+
+def reset_accelerate_state() -> None:
+    """Forget Accelerate's process-wide state, so that another ``train()`` in this process may use
+    other settings (e.g. another mixed precision): notebooks, benchmarks and tests."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+def compile_modules(modules: List[nn.Module], backend: str) -> None:
+    """``torch.compile`` in place (state-dict keys unchanged); a module that cannot be compiled
+    falls back to eager execution with a warning instead of failing the run."""
+    import torch._dynamo
+
+    if not torch._dynamo.is_dynamo_supported():
+        logger.warning("train.compile: torch.compile is not supported here (Python %s); running eagerly",
+                       sys.version.split()[0])
+        return
+    torch._dynamo.config.suppress_errors = True
+    for module in modules:
+        module.compile(backend=backend)
+    logger.info("compiled %d modules with torch.compile(backend=%s)", len(modules), backend)

@@ -1,0 +1,1 @@
+"""Training: the trainable module, state, step, guard, loop and run I/O."""
