@@ -1,9 +1,31 @@
-"""Small collective helpers that are no-ops in a single process."""
+"""Processes: Accelerate set-up with one rule for CPU-only multi-process runs, and small collective
+helpers that are no-ops in a single process."""
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
+
+
+def cpu_multiprocess() -> bool:
+    """Several processes without CUDA (torchrun / accelerate launch on CPUs): Accelerate must use gloo on CPU."""
+    return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def make_accelerator(force_cpu: bool = False, **kwargs):
+    """``accelerate.Accelerator`` for this launch (CPU-only multi-process runs on gloo)."""
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=force_cpu or cpu_multiprocess(), **kwargs)
+
+
+def process_state():
+    """Accelerate's process state without an Accelerator (evaluation), under the same rule."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=cpu_multiprocess())
 
 
 def world_size() -> int:

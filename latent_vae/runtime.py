@@ -6,7 +6,9 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable, List, Optional, Tuple
 
@@ -71,19 +73,56 @@ class _CompiledOrEager:
         return self.eager(x)
 
 
-def atomic_write_bytes(path: Path, write: Callable[[Any], None]) -> None:
-    """Write through ``write(handle)`` to a temporary name, fsync, rename: a kill leaves either
-    the previous state or the complete file, never a torn one under the final name."""
+def fsync_path(path: Path) -> None:
+    """Flush a file's or folder's entry to disk (a folder: so a rename inside it survives a crash)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, write_to: Callable[[Path], Any]) -> Path:
+    """The one atomic file write: ``write_to(tmp)`` writes a temporary sibling, which is fsynced and
+    renamed over ``path``. A kill leaves the previous file or the complete new one, never a torn
+    one under the final name; a failed write removes its temporary file."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        write(handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        write_to(tmp)
+        fsync_path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
 
 
-def atomic_write_json(path: Path, payload: Any) -> None:
-    atomic_write_bytes(path, lambda h: h.write(json.dumps(payload, indent=1, sort_keys=True).encode()))
+def atomic_write_bytes(path: Path, write: Callable[[Any], None]) -> Path:
+    """``atomic_write`` through ``write(handle)`` on a binary file handle."""
+    def write_to(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:
+            write(handle)
+
+    return atomic_write(path, write_to)
+
+
+def atomic_write_json(path: Path, payload: Any) -> Path:
+    return atomic_write_bytes(path, lambda h: h.write(json.dumps(payload, indent=1, sort_keys=True).encode()))
+
+
+def replace_dir(staging: Path, final: Path) -> Path:
+    """Swap a complete ``staging`` folder into place as ``final``: an existing ``final`` is moved aside
+    first and removed after, so a crash leaves the old or the new folder, never a mix."""
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{time.time_ns()}")
+        os.replace(final, old)
+        os.replace(staging, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, final)
+    fsync_path(final.parent)
+    return final
 
 
 def reset_accelerate_state() -> None:

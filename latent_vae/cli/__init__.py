@@ -13,17 +13,7 @@ import pkgutil
 import sys
 from typing import List, Optional
 
-
-def user_errors() -> tuple:
-    """Errors a user can fix: reported in one line, without a traceback (LATENT_VAE_DEBUG=1 shows it).
-
-    Imported lazily so that ``--help`` stays fast.
-    """
-    from ..errors import ConfigError
-    from ..errors import CheckpointError, DataError, ImageReadError, PerceptualWeightsUnavailable
-
-    return (ConfigError, DataError, PerceptualWeightsUnavailable, CheckpointError, ImageReadError,
-            FileNotFoundError, PermissionError, NotADirectoryError)
+from ..errors import USER_ERRORS
 
 
 def add_tiling_arguments(group, what: str) -> None:
@@ -68,7 +58,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.handler(args) or 0)
-    except user_errors() as err:
+    except USER_ERRORS as err:
         if os.environ.get("LATENT_VAE_DEBUG"):
             raise
         print(f"latent-vae {args.command}: error: {err}", file=sys.stderr)

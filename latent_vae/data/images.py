@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Union
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps
 
 from ..errors import ImageReadError
@@ -109,3 +110,22 @@ def check_header(source: ImageInput) -> None:
     with _read_errors():
         with _open(source) as image:
             _check_size(image)
+
+
+def to_pil(image: torch.Tensor) -> Image.Image:
+    """One image (3, H, W) in [-1, 1] -> 8-bit RGB."""
+    array = ((image.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(array, mode="RGB")
+
+
+GRID_PADDING = 2
+
+
+def image_grid(images: torch.Tensor, columns: int) -> Image.Image:
+    """Images (N, 3, H, W) in [-1, 1] tiled row by row, ``GRID_PADDING`` px of black between tiles.
+    Reconstruction grids pass inputs then reconstructions with ``columns`` = batch: inputs above."""
+    import torchvision
+
+    grid = torchvision.utils.make_grid(images.float().clamp(-1, 1).cpu(), nrow=columns, padding=GRID_PADDING,
+                                       pad_value=-1.0)
+    return to_pil(grid)

@@ -42,9 +42,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..errors import ConfigError
 from ..data.sources import Failure, ImageSource, open_source
-from ..errors import DataError, ImageReadError
+from ..errors import ConfigError, DataError, ImageReadError
 from ..models.loading import load_autoencoder
 from ..models.stock import Autoencoder, downsample_factor, is_vq, latent_channels, latents_to_indices
 from ..models.tiling import configure_tiling

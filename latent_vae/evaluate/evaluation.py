@@ -38,11 +38,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import ConfigError
 from ..data.sources import Failure, ImageSource
 from ..data.transforms import crop_image, to_tensor
 from ..distributed import all_gather_cat, all_reduce_sum_
-from ..errors import DataError, ImageReadError, InceptionWeightsUnavailable, PerceptualWeightsUnavailable
+from ..errors import ConfigError, DataError, ImageReadError, InceptionWeightsUnavailable, PerceptualWeightsUnavailable
 from ..losses.kl import ACTIVE_UNIT_THRESHOLD
 from ..losses.perceptual import build_lpips
 from ..losses.vq import codebook_statistics

@@ -24,8 +24,8 @@ import torchvision
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..errors import ConfigError
 from ..data.sources import Failure, FolderSource, ImageSource, open_source
+from ..errors import ConfigError
 from ..evaluate.evaluation import EvalDataset, collate_eval_batch
 from ..models.loading import load_autoencoder
 from ..models.stock import Autoencoder, downsample_factor, is_vq

@@ -25,8 +25,8 @@ from typing import List, Sequence
 
 import torch
 
-from ..errors import ConfigError
 from ..data.sources import Failure, ImageSource
+from ..errors import ConfigError
 from ..models.stock import Autoencoder, from_diffusion_latents, to_diffusion_latents
 from .common import (
     check_resolution,

@@ -28,8 +28,8 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from ..errors import ConfigError
 from ..data.sources import Failure, ImageSource
+from ..errors import ConfigError
 from ..models.stock import (
     Autoencoder,
     downsample_factor,

@@ -25,9 +25,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from ..errors import ConfigError
 from ..data.sources import Failure, ImageSource
-from ..errors import PerceptualWeightsUnavailable
+from ..errors import ConfigError, PerceptualWeightsUnavailable
 from ..evaluate.evaluation import reconstruct_batch
 from ..evaluate.metrics import to_unit_range
 from ..losses.perceptual import build_lpips

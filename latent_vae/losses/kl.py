@@ -34,6 +34,11 @@ def kl_weight_at(step: int, cfg: KLConfig) -> float:
     return cfg.weight
 
 
+def gaussian_kl(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean, exp(logvar)) ‖ N(0, 1)) per element: ½ (μ² + σ² − 1 − log σ²)."""
+    return 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar)
+
+
 def channel_activity(posterior_mean: torch.Tensor) -> torch.Tensor:
     """Per latent channel: variance of the posterior mean across inputs, averaged over positions.
 
@@ -63,7 +68,7 @@ class KLRegularizer(nn.Module):
     def forward(self, posterior, noise: Optional[torch.Tensor], step: int) -> RegularizerOutput:
         mean, logvar = posterior.mean.float(), posterior.logvar.float()
         latents = posterior.mean if noise is None else posterior.mean + posterior.std * noise.to(posterior.mean.dtype)
-        kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar)  # (B, C, h, w)
+        kl = gaussian_kl(mean, logvar)  # (B, C, h, w)
         kl_per_channel = kl.mean(dim=(0, 2, 3))  # nats per latent element, by channel
         if self.cfg.free_bits > 0:
             floored = torch.clamp(kl_per_channel, min=self.cfg.free_bits)

@@ -1,8 +1,18 @@
-"""Architecture presets on the stock diffusers classes, and loading of existing VAEs.
+"""What a stock diffusers autoencoder computes, each under one name used everywhere.
 
-Every preset is a set of constructor arguments for ``diffusers.AutoencoderKL`` or
-``diffusers.VQModel``: what we train is exactly what users load later with
-``from_pretrained``. Sources of the numbers are given per preset.
+Training, evaluation, comparison, export statistics, encoding and the latent tools all say it
+with these functions, so "the latents" always means the same tensor:
+
+- ``encoder_output``: the raw encoder output: KL posterior parameters (mean and log-variance
+  stacked, as diffusers does), VQ pre-quantisation latents.
+- ``posterior``: the KL posterior q(z|x) (``DiagonalGaussianDistribution``).
+- ``encoder_latents``: deterministic latents: KL posterior mean, VQ pre-quantisation latents.
+- ``quantized_latents``: VQ codebook rows as ``VQModel.quantize`` returns them.
+- ``decoder_latents``: what ``decode`` is given for a reconstruction: KL posterior mean, VQ
+  quantised latents.
+- ``training_latents``: what a diffusion model trains on: a KL posterior sample, VQ quantised latents.
+- token ids (``latents_to_indices`` ...) and the pipeline scaling (``to_diffusion_latents``).
+- ``reconstruct``: decode(encode(x)) exactly as stock diffusers computes it.
 """
 
 from __future__ import annotations
@@ -11,6 +21,7 @@ from typing import Optional, Union
 
 import torch
 from diffusers import AutoencoderKL, VQModel
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 Autoencoder = Union[AutoencoderKL, VQModel]
 
@@ -31,6 +42,40 @@ def latent_channels(model: Autoencoder) -> int:
 
 def count_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def encoder_output(model: Autoencoder, images: torch.Tensor) -> torch.Tensor:
+    """KL: posterior parameters (mean and log-variance stacked on channels); VQ: pre-quantisation latents."""
+    encoded = model.encode(images)
+    return encoded.latents if is_vq(model) else encoded.latent_dist.parameters
+
+
+def posterior(model: AutoencoderKL, images: torch.Tensor) -> DiagonalGaussianDistribution:
+    return model.encode(images).latent_dist
+
+
+def encoder_latents(model: Autoencoder, images: torch.Tensor) -> torch.Tensor:
+    """Deterministic latents: the posterior mean (KL) or the pre-quantisation latent (VQ)."""
+    encoded = model.encode(images)
+    return encoded.latents if is_vq(model) else encoded.latent_dist.mode()
+
+
+def quantized_latents(model: VQModel, latents: torch.Tensor) -> torch.Tensor:
+    """Pre-quantisation latents -> the codebook rows ``VQModel.quantize`` gives (its straight-through form)."""
+    return model.quantize(latents)[0]
+
+
+def decoder_latents(model: Autoencoder, images: torch.Tensor) -> torch.Tensor:
+    """KL posterior mean; VQ quantised latents. Decoding them gives the stock reconstruction."""
+    latents = encoder_latents(model, images)
+    return quantized_latents(model, latents) if is_vq(model) else latents
+
+
+def training_latents(model: Autoencoder, images: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """The latents a diffusion model is trained on: a posterior sample (KL), or the quantised code (VQ)."""
+    if is_vq(model):
+        return quantized_latents(model, model.encode(images).latents)
+    return posterior(model, images).sample(generator=generator)
 
 
 def reconstruct(model: Autoencoder, images: torch.Tensor, sample: bool = False,

@@ -34,7 +34,14 @@ from ..distributed import all_reduce_sum_, world_size
 from ..errors import TrainingError
 from ..evaluate.metrics import psnr_per_image, ssim_per_image
 from ..interop.export import compute_scaling_factor, save_diffusers_model, write_model_card
-from ..losses import AutoencoderLoss, build_regularizer, PatchDiscriminator, PerceptualLoss, PerceptualWeightsUnavailable, build_lpips
+from ..losses import (
+    AutoencoderLoss,
+    PatchDiscriminator,
+    PerceptualLoss,
+    PerceptualWeightsUnavailable,
+    build_lpips,
+    build_regularizer,
+)
 from ..losses.kl import ACTIVE_UNIT_THRESHOLD
 from ..losses.vq import normalize_codebook_
 from ..models.loading import build_autoencoder
