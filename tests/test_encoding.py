@@ -30,7 +30,6 @@ from diffusers import AutoencoderKL, VQModel
 from PIL import Image
 
 from latent_vae.cli import build_parser, main
-from latent_vae.errors import ConfigError
 from latent_vae.data.sources import load_image, sample_photo_sources
 from latent_vae.data.transforms import crop_image, to_tensor
 from latent_vae.encode.pipeline import (
@@ -44,6 +43,7 @@ from latent_vae.encode.pipeline import (
     load_latent_dataset,
 )
 from latent_vae.encode.stats import latent_statistics
+from latent_vae.errors import ConfigError
 from latent_vae.evaluate.metrics import psnr_per_image
 from latent_vae.interop.export import save_diffusers_model
 from latent_vae.models.tiling import configure_tiling
