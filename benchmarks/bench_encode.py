@@ -43,7 +43,9 @@ from common import PeakMemory, Stats, format_bytes, machine_description, markdow
 from PIL import Image
 
 from latent_vae.data.sources import open_source
-from latent_vae.encode.pipeline import decode_images, encode_dataset, latent_to_tensor, load_latent_dataset
+from latent_vae.encode.decode import decode_images, load_latent_dataset
+from latent_vae.encode.run import encode_dataset
+from latent_vae.encode.storage import latent_to_tensor
 from latent_vae.evaluate.metrics import psnr_per_image
 from latent_vae.models.loading import load_autoencoder
 from latent_vae.models.stock import downsample_factor, latent_channels

@@ -180,10 +180,11 @@ class PlainBaseline:
     """
 
     def __init__(self, config, device: torch.device):
-        from latent_vae.losses import PatchDiscriminator, build_lpips
+        from latent_vae.losses.discriminator import PatchDiscriminator
+        from latent_vae.losses.perceptual import build_lpips
         from latent_vae.models.loading import build_autoencoder
         from latent_vae.models.stock import is_vq
-        from latent_vae.train.loop import effective_learning_rate
+        from latent_vae.train.state import effective_learning_rate
 
         torch.manual_seed(config.train.seed)
         self.rec, self.gan, self.reg = config.reconstruction, config.gan, config.regularizer
@@ -207,7 +208,7 @@ class PlainBaseline:
         return reconstructions, self.reg.kl.weight * posterior.kl().mean()
 
     def step(self, images: torch.Tensor) -> Dict[str, float]:
-        from latent_vae.losses import discriminator_loss, generator_loss
+        from latent_vae.losses.discriminator import discriminator_loss, generator_loss
 
         # generator step (discriminator frozen)
         self.disc.requires_grad_(False)

@@ -32,17 +32,13 @@ from PIL import Image
 from latent_vae.cli import build_parser, main
 from latent_vae.data.sources import load_image, sample_photo_sources
 from latent_vae.data.transforms import crop_image, to_tensor
-from latent_vae.encode.pipeline import (
-    EncodeOptions,
-    LatentEncoder,
-    Preprocessing,
-    bucket_sizes,
-    decode_latents,
-    encode_dataset,
-    latent_to_tensor,
-    load_latent_dataset,
-)
+from latent_vae.encode.decode import decode_latents, load_latent_dataset
+from latent_vae.encode.encoder import LatentEncoder
+from latent_vae.encode.options import EncodeOptions
+from latent_vae.encode.preprocess import Preprocessing, bucket_sizes
+from latent_vae.encode.run import encode_dataset
 from latent_vae.encode.stats import latent_statistics
+from latent_vae.encode.storage import latent_to_tensor
 from latent_vae.errors import ConfigError
 from latent_vae.evaluate.metrics import psnr_per_image
 from latent_vae.interop.export import save_diffusers_model
@@ -237,7 +233,7 @@ def test_unreadable_inputs_are_listed_and_the_rest_encoded(tmp_path, kl_dir, pho
 KILLABLE_ENCODE = """
 import sys, time, torch
 torch.set_num_threads(1)
-from latent_vae.encode.pipeline import encode_dataset
+from latent_vae.encode.run import encode_dataset
 from latent_vae.models.loading import load_autoencoder
 model, data, out, delay = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
 vae = load_autoencoder(model)

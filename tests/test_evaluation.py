@@ -22,16 +22,11 @@ from latent_vae.data.sources import open_source
 from latent_vae.data.transforms import crop_image, to_tensor
 from latent_vae.errors import InceptionWeightsUnavailable, PerceptualWeightsUnavailable
 from latent_vae.evaluate.compare import CHECK_DRIFT, compare, judge, latent_drift
-from latent_vae.evaluate.evaluation import (
-    INCEPTION_URL,
-    EvalOptions,
-    MetricNetworks,
-    RunningMoments,
-    build_metric_networks,
-    evaluate,
-    load_inception,
-    write_outputs,
-)
+from latent_vae.evaluate.evaluation import evaluate
+from latent_vae.evaluate.networks import INCEPTION_URL, MetricNetworks, build_metric_networks, load_inception
+from latent_vae.evaluate.options import EvalOptions
+from latent_vae.evaluate.report import write_outputs
+from latent_vae.evaluate.statistics import RunningMoments
 from latent_vae.losses import perceptual
 from latent_vae.losses.kl import channel_activity
 from latent_vae.losses.vq import codebook_statistics
@@ -106,7 +101,7 @@ def offline(monkeypatch, tmp_path):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
     for net, url in perceptual.BACKBONE_URLS.items():
         monkeypatch.setitem(perceptual.BACKBONE_URLS, net, UNREACHABLE + Path(url).name)
-    monkeypatch.setattr("latent_vae.evaluate.evaluation.INCEPTION_URL", UNREACHABLE + Path(INCEPTION_URL).name)
+    monkeypatch.setattr("latent_vae.evaluate.networks.INCEPTION_URL", UNREACHABLE + Path(INCEPTION_URL).name)
 
 
 # --------------------------------------------------------------------------- numbers
@@ -286,7 +281,7 @@ release_process_group()
 
 def distributed_run(model_dir: str, data: str, out: str) -> None:
     """Evaluate with a seeded posterior sample per image and an injected feature extractor."""
-    from latent_vae.evaluate.evaluation import process_state
+    from latent_vae.distributed import process_state
     from latent_vae.models.loading import load_autoencoder
 
     source, failures = open_source(data)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import fast_config, reset_accelerate
 
-from latent_vae.losses import AutoencoderLoss
+from latent_vae.losses.autoencoder_loss import AutoencoderLoss
 from latent_vae.models.loading import load_autoencoder
 from latent_vae.train.checkpoint import list_checkpoints, load_tensors
 from latent_vae.train.loop import train

@@ -63,7 +63,7 @@ def tiny_model(tmp_path_factory):
 def test_encode_on_the_corpus_converts_skips_and_counts_exactly(corpus, tiny_model, tmp_path):
     import datasets
 
-    from latent_vae.encode.pipeline import encode_dataset
+    from latent_vae.encode.run import encode_dataset
 
     summary = encode_dataset(str(tiny_model), str(corpus.root), tmp_path / "latents", resolution=32, progress=False)
     expected_failures = set(corpus.skipped)
@@ -98,7 +98,7 @@ def test_eval_on_the_corpus_converts_skips_and_counts_exactly(corpus, tiny_model
 
 @pytest.mark.parametrize("row_id", ["../../etc/passwd", "/abs/path.png", "a/../../b.jpg", "..", "nested/ok.png"])
 def test_ids_from_a_dataset_never_name_a_path_outside_the_output_directory(tmp_path, row_id):
-    from latent_vae.encode.pipeline import preview_name
+    from latent_vae.encode.decode import preview_name
 
     name = preview_name(7, row_id)
     assert "/" not in name and not name.startswith(".")

@@ -14,17 +14,17 @@ from PIL import Image
 from torchmetrics.functional.classification import binary_auroc
 
 from latent_vae.cli import main
-from latent_vae.config import ConfigError, ModelConfig
-from latent_vae.data.images import load_image
+from latent_vae.config import ModelConfig
+from latent_vae.data.images import GRID_PADDING, load_image
 from latent_vae.data.sources import FolderSource, sample_photos_dir
-from latent_vae.errors import PerceptualWeightsUnavailable
-from latent_vae.latent_tools.common import GRID_PADDING, decoder_latents, load_model, open_inputs, unique_stems
+from latent_vae.errors import ConfigError, PerceptualWeightsUnavailable
+from latent_vae.latent_tools.common import load_model, open_inputs, unique_stems
 from latent_vae.latent_tools.interpolation import interpolate_images, interpolation_path, latent_path, lerp, slerp
 from latent_vae.latent_tools.sampling import fit_gaussian, prior_latents
 from latent_vae.latent_tools.scoring import load_lpips, score_images, write_scores
 from latent_vae.latent_tools.visualization import channel_grid, pca_rgb
 from latent_vae.models.loading import build_autoencoder
-from latent_vae.models.stock import from_diffusion_latents, reconstruct, to_diffusion_latents
+from latent_vae.models.stock import decoder_latents, from_diffusion_latents, reconstruct, to_diffusion_latents
 from latent_vae.train.loop import train
 
 RES = 32

@@ -4,7 +4,8 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, VQModel
 
-from latent_vae.config import ConfigError, ModelConfig
+from latent_vae.config import ModelConfig
+from latent_vae.errors import ConfigError
 from latent_vae.models.loading import build_autoencoder, load_autoencoder
 from latent_vae.models.stock import count_parameters, downsample_factor, latent_channels, reconstruct
 from latent_vae.presets import PRESETS

@@ -14,7 +14,7 @@ from conftest import fast_config, reset_accelerate
 from test_training import all_tensors
 
 from latent_vae.data.datasets import TrainDataset
-from latent_vae.errors import TrainingError
+from latent_vae.errors import CheckpointError, TrainingError
 from latent_vae.seeding import derive_seed
 from latent_vae.train import checkpoint as ckpt
 from latent_vae.train.loop import train
@@ -283,6 +283,6 @@ def test_pickled_files_are_refused_without_executing_them(tmp_path):
     size = state.stat().st_size
     payload = evil.read_bytes()
     state.write_bytes(payload + b"\0" * (size - len(payload)))  # same size: the manifest still matches
-    with pytest.raises(ckpt.CheckpointError, match="refused"):
+    with pytest.raises(CheckpointError, match="refused"):
         train(fast_config("train.max_steps=4", "train.checkpoint_every=2"), tmp_path / "run", resume="latest")
     assert not marker.exists()

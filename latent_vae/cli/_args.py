@@ -9,11 +9,16 @@ import argparse
 from pathlib import Path
 from typing import Sequence
 
+from ..errors import ConfigError, check_positive
+
 
 def positive_int(text: str) -> int:
+    """argparse type: an integer > 0 (``errors.check_positive``), reported by argparse as a usage error."""
     value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    try:
+        check_positive("value", value)
+    except ConfigError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
     return value
 
 

@@ -42,9 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import json
 
-    from accelerate import PartialState
-
     from ..data.sources import open_source
+    from ..distributed import process_state
     from ..evaluate.compare import compare, format_comparison
     from ..models.loading import load_autoencoder
 
@@ -53,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     model_b = load_autoencoder(args.model_b, subfolder=args.subfolder_b)
     source, failures = open_source(args.data, args.image_column, args.split)
     comparison = compare(model_a, model_b, source, options, failures=failures)
-    if PartialState().is_main_process:
+    if process_state().is_main_process:
         if args.json is not None:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(comparison.summary(), indent=2) + "\n")

@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..encode.pipeline import decode_latents
+    from ..encode.decode import decode_latents
 
     summary = decode_latents(args.latents, args.output_dir, model=args.model, limit=args.limit or None,
                              batch_size=args.batch_size, precision=args.precision, tiled=args.tiled,

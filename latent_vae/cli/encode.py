@@ -77,7 +77,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..encode.pipeline import encode_dataset
+    from ..encode.run import encode_dataset
 
     speed = {"num_workers": args.num_workers} if args.num_workers is not None else {}
     summary = encode_dataset(

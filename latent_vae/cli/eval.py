@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Dict, List
 
+from ..evaluate.options import FID_FEATURE_SIZES, LPIPS_BACKBONES, PRECISIONS
 from . import add_tiling_arguments
 
 HELP = "reconstruction metrics on images: PSNR, SSIM, LPIPS, rFID, codebook usage, active latent units"
@@ -54,10 +55,10 @@ def add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
                        help="KL models: decode a posterior sample (seeded per image) instead of the mean")
     model.add_argument("--seed", type=int, default=0, help="seed of --sample (default: 0)")
     add_tiling_arguments(model, "encode/decode")
-    model.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+    model.add_argument("--precision", choices=PRECISIONS, default="fp32",
                        help="autocast dtype of the model (default: fp32; metrics are always fp32)")
     metrics = parser.add_argument_group("metrics")
-    metrics.add_argument("--lpips", nargs="+", choices=("alex", "vgg"), default=["alex", "vgg"],
+    metrics.add_argument("--lpips", nargs="+", choices=LPIPS_BACKBONES, default=list(LPIPS_BACKBONES),
                          help="LPIPS backbones (default: alex vgg)")
     metrics.add_argument("--lpips-weights", action="append", default=[], metavar="[alex=|vgg=]PATH",
                          help="local torchvision backbone weights (alexnet-owt-7be5be79.pth, vgg16-397923af.pth); "
@@ -66,7 +67,7 @@ def add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
     metrics.add_argument("--fid-weights", metavar="PATH",
                          help="local InceptionV3 weights (torch-fidelity's weights-inception-2015-12-05-6726825d.pth "
                               "or a .safetensors of it)")
-    metrics.add_argument("--fid-features", type=int, choices=(64, 192, 768, 2048), default=2048,
+    metrics.add_argument("--fid-features", type=int, choices=FID_FEATURE_SIZES, default=2048,
                          help="InceptionV3 feature layer for rFID (default: 2048, the standard)")
     metrics.add_argument("--no-fid", action="store_true", help="skip rFID")
 
@@ -78,7 +79,7 @@ def lpips_weight_files(entries: List[str], nets: List[str]) -> Dict[str, str]:
     files = {}
     for entry in entries:
         net, separator, path = entry.partition("=")
-        if not (separator and net in ("alex", "vgg")):
+        if not (separator and net in LPIPS_BACKBONES):
             path, name = entry, Path(entry).name.lower()
             net = "alex" if "alex" in name else "vgg" if "vgg" in name else (nets[0] if len(nets) == 1 else "")
             if not net:
@@ -89,7 +90,7 @@ def lpips_weight_files(entries: List[str], nets: List[str]) -> Dict[str, str]:
 
 
 def evaluation_options(args: argparse.Namespace):
-    from ..evaluate.evaluation import EvalOptions
+    from ..evaluate.options import EvalOptions
 
     nets = [] if args.no_lpips else list(dict.fromkeys(args.lpips))
     return EvalOptions(
@@ -114,17 +115,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from accelerate import PartialState
-
     from ..data.sources import open_source
-    from ..evaluate.evaluation import evaluate, format_summary, write_outputs
+    from ..distributed import process_state
+    from ..evaluate.evaluation import evaluate
+    from ..evaluate.report import format_summary, write_outputs
     from ..models.loading import load_autoencoder
 
     options = evaluation_options(args)
     model = load_autoencoder(args.model, subfolder=args.subfolder)
     source, failures = open_source(args.data, args.image_column, args.split)
     result = evaluate(model, source, options, failures=failures)
-    if PartialState().is_main_process:
+    if process_state().is_main_process:
         write_outputs(result, args.json, args.csv, args.grid)
         print(format_summary(result))
         for label, path in (("summary", args.json), ("per-image scores", args.csv), ("grid", args.grid)):

@@ -40,9 +40,11 @@ def run(args: argparse.Namespace) -> int:
     import json
 
     from ..encode.stats import compute_latent_statistics, write_to_model_config
+    from ..runtime import atomic_write_bytes
 
     stats = compute_latent_statistics(args.latents, args.column, args.batch_size)
-    (args.latents / "latent_stats.json").write_text(json.dumps(stats.to_json(), indent=2) + "\n")
+    atomic_write_bytes(args.latents / "latent_stats.json",
+                       lambda h: h.write((json.dumps(stats.to_json(), indent=2) + "\n").encode()))
     print(f"{stats.rows} rows, {stats.values_per_channel:,} values per channel")
     print(f"{'channel':>8} {'mean':>12} {'std':>12}")
     for channel, (mean, std) in enumerate(zip(stats.channel_mean, stats.channel_std)):

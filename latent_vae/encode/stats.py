@@ -20,9 +20,10 @@ from typing import Any, Dict, Iterator, List, Union
 
 import numpy as np
 
-from ..errors import ConfigError
+from ..errors import ConfigError, check_choice
 from ..runtime import atomic_write_bytes
-from .pipeline import latent_to_tensor, load_latent_dataset, stored_dtype
+from .decode import load_latent_dataset, stored_dtype
+from .storage import latent_to_tensor
 
 # No "both": SDXL-family pipelines apply latents_std *and* scaling_factor, so a config holding
 # the global scale and the per-channel fields would be scaled twice there.
@@ -129,8 +130,7 @@ def compute_latent_statistics(latents_dir: Union[str, Path], column: str = "late
 
 def config_updates(stats: LatentStatistics, fields: str, class_name: str) -> Dict[str, Any]:
     """The config keys ``fields`` sets (see the module docstring for the conventions)."""
-    if fields not in FIELD_SETS:
-        raise ConfigError(f"--fields must be one of {', '.join(FIELD_SETS)} (got '{fields}')")
+    check_choice("--fields", fields, FIELD_SETS)
     if class_name == "VQModel":  # VQModel's config has no shift or per-channel fields
         return {"scaling_factor": stats.scaling_factor}
     per_channel = {"latents_mean": stats.channel_mean, "latents_std": stats.channel_std}

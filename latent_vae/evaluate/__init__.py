@@ -1,1 +1,2 @@
-"""Metrics, evaluation of one model, comparison of two."""
+"""Metrics, evaluation of one model (``evaluation``: the run; ``options``, ``networks``, ``dataset``,
+``statistics``, ``report``: its parts), comparison of two (``compare``)."""

@@ -32,22 +32,24 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 import torch
 
 from ..data.sources import Failure, ImageSource
-from ..distributed import all_reduce_sum_
-from ..models.stock import Autoencoder, from_diffusion_latents, is_vq, latent_channels, to_diffusion_latents
+from ..distributed import all_reduce_sum_, process_state
+from ..errors import IncompatibleVAE
+from ..models.stock import (
+    Autoencoder,
+    encoder_latents,
+    from_diffusion_latents,
+    latent_channels,
+    to_diffusion_latents,
+)
 from ..models.tiling import tiling
 from ..runtime import autocast
-from .evaluation import (
-    EvalDataset,
-    EvalOptions,
-    EvalResult,
-    MetricNetworks,
-    RunningMoments,
-    build_metric_networks,
-    collate_eval_batch,
-    evaluate,
-    process_state,
-)
+from .dataset import eval_loader
+from .evaluation import evaluate
 from .metrics import psnr_per_image, ssim_per_image
+from .networks import MetricNetworks, build_metric_networks
+from .options import EvalOptions
+from .report import EvalResult
+from .statistics import RunningMoments
 
 DROP_IN_DRIFT = 0.03
 CHECK_DRIFT = 0.15
@@ -55,13 +57,6 @@ CROSS_DECODE_TOLERANCE_DB = 0.5
 
 
 # --------------------------------------------------------------------------- latents
-
-
-@torch.no_grad()
-def encode_latents(model: Autoencoder, images: torch.Tensor) -> torch.Tensor:
-    """Deterministic latents: the posterior mean (KL) or the pre-quantisation latent (VQ)."""
-    encoded = model.encode(images)
-    return encoded.latents if is_vq(model) else encoded.latent_dist.mode()
 
 
 class LatentDrift:
@@ -102,10 +97,11 @@ class LatentDrift:
         }
 
 
+@torch.no_grad()
 def latent_shapes_match(model_a: Autoencoder, model_b: Autoencoder, resolution: int = 64) -> bool:
     """Whether both models map an image to latents of the same shape (channels and grid)."""
     probe = torch.zeros(1, 3, resolution, resolution)
-    shapes = [encode_latents(m, probe.to(next(m.parameters()).device, next(m.parameters()).dtype)).shape
+    shapes = [encoder_latents(m, probe.to(next(m.parameters()).device, next(m.parameters()).dtype)).shape
               for m in (model_a, model_b)]
     return shapes[0] == shapes[1]
 
@@ -123,10 +119,10 @@ def latent_drift(model_a: Autoencoder, model_b: Autoencoder,
     param_a, param_b = next(model_a.parameters()), next(model_b.parameters())
     drift = LatentDrift(latent_channels(model_a), param_a.device)
     for batch in ([images] if isinstance(images, torch.Tensor) else images):
-        latents_a = encode_latents(model_a, batch.to(param_a.device, param_a.dtype)).float()
-        latents_b = encode_latents(model_b, batch.to(param_b.device, param_b.dtype)).float().to(latents_a.device)
+        latents_a = encoder_latents(model_a, batch.to(param_a.device, param_a.dtype)).float()
+        latents_b = encoder_latents(model_b, batch.to(param_b.device, param_b.dtype)).float().to(latents_a.device)
         if latents_a.shape != latents_b.shape:
-            raise ValueError(f"latent shapes differ: A {tuple(latents_a.shape[1:])}, B {tuple(latents_b.shape[1:])}")
+            raise IncompatibleVAE(f"latent shapes differ: A {tuple(latents_a.shape[1:])}, B {tuple(latents_b.shape[1:])}")
         drift.update(latents_a, latents_b, to_diffusion_latents(model_a, latents_a),
                      to_diffusion_latents(model_b, latents_b))
     return drift.result()
@@ -204,17 +200,15 @@ def _drift_and_cross_decode(model_a: Autoencoder, model_b: Autoencoder, source: 
     """Latent drift of B against A, and PSNR/SSIM of B's decoder on A's latents (sharded over processes)."""
     state = process_state()
     shard = range(state.process_index, len(source), state.num_processes)
-    loader = torch.utils.data.DataLoader(EvalDataset(source, shard, options.resolution),
-                                         batch_size=options.batch_size, collate_fn=collate_eval_batch,
-                                         num_workers=options.num_workers)
     drift = LatentDrift(latent_channels(model_a), state.device)
     sums = torch.zeros(3, dtype=torch.float64, device=state.device)  # PSNR, SSIM, images
-    for batch in loader:
+    tile = (options.tiled, options.tile_size, options.tile_overlap)
+    for batch in eval_loader(source, shard, options, state.device):
         if batch["pixel_values"] is None:
             continue
         images = batch["pixel_values"].to(state.device)
-        with tiling(model_a, options.tiled, options.tile_size, options.tile_overlap), tiling(model_b, options.tiled, options.tile_size, options.tile_overlap), autocast(state.device, options.precision):
-            latents_a, latents_b = encode_latents(model_a, images).float(), encode_latents(model_b, images).float()
+        with tiling(model_a, *tile), tiling(model_b, *tile), autocast(state.device, options.precision):
+            latents_a, latents_b = encoder_latents(model_a, images).float(), encoder_latents(model_b, images).float()
             scaled_a = to_diffusion_latents(model_a, latents_a)
             drift.update(latents_a, latents_b, scaled_a, to_diffusion_latents(model_b, latents_b))
             cross = model_b.decode(from_diffusion_latents(model_b, scaled_a)).sample.float()

@@ -10,16 +10,8 @@ from typing import Dict, Iterable, Optional
 
 import torch
 
-from ..models.stock import Autoencoder, count_parameters, downsample_factor, is_vq, latent_channels
-
-
-@torch.no_grad()
-def encode_for_statistics(model: Autoencoder, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """The latents a diffusion model is trained on: a posterior sample (KL), or the quantised code (VQ)."""
-    encoded = model.encode(images)
-    if is_vq(model):
-        return model.quantize(encoded.latents)[0]
-    return encoded.latent_dist.sample(generator=generator)
+from ..models.stock import Autoencoder, count_parameters, downsample_factor, is_vq, latent_channels, training_latents
+from ..runtime import replace_dir
 
 
 @torch.no_grad()
@@ -30,7 +22,7 @@ def compute_scaling_factor(model: Autoencoder, batches: Iterable[torch.Tensor], 
     for images in batches:
         if generator is None:
             generator = torch.Generator(device=images.device).manual_seed(seed)
-        latents = encode_for_statistics(model, images, generator).double()
+        latents = training_latents(model, images, generator).double()
         count += latents.numel()
         total += latents.sum().item()
         total_sq += latents.pow(2).sum().item()
@@ -41,19 +33,12 @@ def compute_scaling_factor(model: Autoencoder, batches: Iterable[torch.Tensor], 
 
 
 def save_diffusers_model(model: Autoencoder, folder: str | Path) -> Path:
-    """``save_pretrained`` (safetensors) into a temporary folder, then an atomic swap into place."""
+    """``save_pretrained`` (safetensors) into a staging folder, then swapped into place (``runtime.replace_dir``)."""
     folder = Path(folder)
     staging = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging, safe_serialization=True)
-    if folder.exists():
-        old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-        os.replace(folder, old)
-        os.replace(staging, folder)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, folder)
-    return folder
+    return replace_dir(staging, folder)
 
 
 def write_model_card(folder: str | Path, model: Autoencoder, recipe: Dict, steps: int,

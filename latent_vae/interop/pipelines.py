@@ -9,8 +9,8 @@ The plain diffusers way works as is (our models are stock classes)::
 downsampling factor must match the diffusion model's; a different scaling (``scaling_factor``,
 ``shift_factor``, ``latents_mean``/``latents_std``) is reported; and the encoders are compared
 on a few photographs — when B's latents drift from the original VAE's by more than
-``compare.CHECK_DRIFT`` (see ``latent_vae.compare`` for why), a ``LatentDriftWarning`` says the
-diffusion model was not trained on this latent space.
+``evaluate.compare.CHECK_DRIFT`` (that module says why), a ``LatentDriftWarning`` says the diffusion
+model was not trained on this latent space.
 """
 
 from __future__ import annotations

@@ -26,7 +26,6 @@ exact model; for other files the architecture is inferred from the tensor shapes
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -35,8 +34,9 @@ import torch
 from diffusers import AutoencoderKL, VQModel
 from safetensors.torch import save_file
 
-from ..errors import ConversionError, UnreadableWeights
+from ..errors import ConfigError, ConversionError, UnreadableWeights
 from ..models.stock import Autoencoder, is_vq
+from ..runtime import atomic_write
 from ..weights import read_weights
 
 CONFIG_METADATA_KEY = "latent_vae.diffusers_config"
@@ -142,18 +142,16 @@ def vae_tensors(state: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor]
 
 
 def export_single_file(model: Autoencoder, path: str | Path, dtype: Optional[torch.dtype] = None) -> Path:
-    """Write ``model`` as one original-layout ``.safetensors`` file (atomically: temp file, rename)."""
+    """Write ``model`` as one original-layout ``.safetensors`` file (atomically: ``runtime.atomic_write``)."""
     path = Path(path)
     if path.suffix != ".safetensors":
-        raise ValueError(f"{path}: the output must be a .safetensors file")
+        raise ConfigError(f"{path}: the output must be a .safetensors file")
     state = to_original_state_dict(model)
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(state, str(staging), metadata={"format": "pt", CONFIG_METADATA_KEY: model.to_json_string()})
-    os.replace(staging, path)
-    return path
+    metadata = {"format": "pt", CONFIG_METADATA_KEY: model.to_json_string()}
+    return atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=metadata))
 
 
 # --------------------------------------------------------------------------- architecture

@@ -4,8 +4,9 @@
 - ``sampling``: decoding samples of the prior or of a Gaussian fitted to encoded latents (``latent-vae sample``)
 - ``visualization``: latent channels, PCA-to-RGB and per-channel histograms (``latent-vae visualize``)
 - ``scoring``: per-image anomaly scores and threshold calibration (``latent-vae score``)
-- ``common``: what they share — devices, inputs as batches, latent spaces, image files
-- ``cli_args``: the command-line options the four commands share (no heavy imports: ``--help`` stays fast)
+- ``common``: what they share — devices, inputs as batches, decoding latents, tables of results
+
+Their command-line options live in ``latent_vae.cli`` (``cli/_args.py`` holds the shared ones).
 
 See docs/LATENT_TOOLS.md for the conventions (latent spaces, slerp norms, score definitions).
 """

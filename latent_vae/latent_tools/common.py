@@ -1,14 +1,14 @@
-"""What the latent tools share: the model on a device, inputs read as batches, the latents the
-decoder consumes, and writing images and tables.
+"""What the latent tools share: the model on a device, inputs read as batches, decoding latents,
+and writing tables (images: ``data.images.to_pil`` / ``image_grid``).
 
 Latent spaces (docs/LATENT_TOOLS.md):
 
-- *model latents* ``z``: what ``vae.decode`` consumes (``decoder_latents``). KL: the posterior
-  mean (the mode, as in ``models.reconstruct``); VQ: the quantised latents (codebook rows).
+- *model latents* ``z``: what ``vae.decode`` consumes (``models.stock.decoder_latents``). KL: the
+  posterior mean (the mode, as in ``models.stock.reconstruct``); VQ: the quantised latents (codebook rows).
 - *scaled latents*: the space a latent diffusion model is trained in, diffusers' convention
   ``(z − shift_factor) · scaling_factor``, or ``(z − latents_mean) · scaling_factor / latents_std``
-  per channel when the config has ``latents_mean`` / ``latents_std``: ``models.to_diffusion_latents``
-  and its inverse ``models.from_diffusion_latents``.
+  per channel when the config has ``latents_mean`` / ``latents_std``: ``models.stock.to_diffusion_latents``
+  and its inverse ``models.stock.from_diffusion_latents``.
 """
 
 from __future__ import annotations
@@ -20,15 +20,14 @@ from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
-import torchvision
 from PIL import Image
 from tqdm.auto import tqdm
 
 from ..data.sources import Failure, FolderSource, ImageSource, open_source
 from ..errors import ConfigError
-from ..evaluate.evaluation import EvalDataset, collate_eval_batch
+from ..evaluate.dataset import EvalDataset, collate_eval_batch
 from ..models.loading import load_autoencoder
-from ..models.stock import Autoencoder, downsample_factor, is_vq
+from ..models.stock import Autoencoder, downsample_factor
 
 # --------------------------------------------------------------------------- model and device
 
@@ -154,16 +153,6 @@ def load_images(source: ImageSource, resolution: int) -> Tuple[List[str], Option
 
 
 @torch.no_grad()
-def decoder_latents(model: Autoencoder, pixels: torch.Tensor) -> torch.Tensor:
-    """Model latents of images: KL posterior mean; VQ quantised latents. Decoding them gives
-    exactly the stock reconstruction (``models.reconstruct``)."""
-    encoded = model.encode(pixels.to(model.device))
-    if is_vq(model):
-        return model.quantize(encoded.latents)[0]
-    return encoded.latent_dist.mode()
-
-
-@torch.no_grad()
 def decode_latents(model: Autoencoder, latents: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
     """Model latents (N, C, h, w) -> images (N, 3, H, W) in [-1, 1], on the CPU."""
     chunks = [model.decode(chunk.to(model.device)).sample.clamp(-1, 1).cpu() for chunk in latents.split(batch_size)]
@@ -171,22 +160,6 @@ def decode_latents(model: Autoencoder, latents: torch.Tensor, batch_size: int = 
 
 
 # --------------------------------------------------------------------------- files
-
-
-def to_pil(image: torch.Tensor) -> Image.Image:
-    """One image (3, H, W) in [-1, 1] -> 8-bit RGB."""
-    array = ((image.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(array, mode="RGB")
-
-
-GRID_PADDING = 2
-
-
-def image_grid(images: torch.Tensor, columns: int) -> Image.Image:
-    """Images (N, 3, H, W) in [-1, 1] tiled row by row, ``GRID_PADDING`` px of black between tiles."""
-    grid = torchvision.utils.make_grid(images.float().clamp(-1, 1), nrow=columns, padding=GRID_PADDING,
-                                       pad_value=-1.0)
-    return to_pil(grid)
 
 
 def unique_stems(keys: Sequence[str]) -> List[str]:

@@ -1,7 +1,7 @@
 """Paths through latent space between the latents of two or more images.
 
 Each image's latent (a whole ``(C, h, w)`` tensor, seen as one vector) is interpolated to the
-next in the *scaled* latent space (``models.to_diffusion_latents``), where data latents are centred: with a
+next in the *scaled* latent space (``models.stock.to_diffusion_latents``), where data latents are centred: with a
 ``shift_factor`` or ``latents_mean`` the origin of the model latents is not the centre, and a
 spherical path around it would be meaningless. Without them the scaled space is the model
 space times ``scaling_factor``, and both methods give the same path in either space.
@@ -25,19 +25,11 @@ from typing import List, Sequence
 
 import torch
 
+from ..data.images import image_grid, to_pil
 from ..data.sources import Failure, ImageSource
-from ..errors import ConfigError
-from ..models.stock import Autoencoder, from_diffusion_latents, to_diffusion_latents
-from .common import (
-    check_resolution,
-    decode_latents,
-    decoder_latents,
-    image_grid,
-    load_images,
-    require_images,
-    to_pil,
-    write_failures,
-)
+from ..errors import ConfigError, check_choice
+from ..models.stock import Autoencoder, decoder_latents, from_diffusion_latents, to_diffusion_latents
+from .common import check_resolution, decode_latents, load_images, require_images, write_failures
 
 METHODS = ("slerp", "linear")
 ANIMATION_FORMATS = ("gif", "webp")
@@ -71,10 +63,9 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
 def interpolation_path(latents: torch.Tensor, steps: int, method: str = "slerp") -> torch.Tensor:
     """Latents (N, C, h, w) -> (N − 1, steps, C, h, w): segment i goes from latent i (t = 0)
     to latent i + 1 (t = 1) in ``steps`` evenly spaced values of t."""
-    if method not in METHODS:
-        raise ConfigError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
-    if steps < 2:
-        raise ConfigError(f"--steps must be at least 2 (the two endpoints), got {steps}")
+    check_choice("--method", method, METHODS)
+    if steps < 2:  # check_positive's bound is 0; a path needs its two endpoints
+        raise ConfigError(f"--steps={steps!r} must be at least 2 (the two endpoints)")
     mix = slerp if method == "slerp" else lerp
     times = torch.linspace(0.0, 1.0, steps).tolist()
     return torch.stack([
@@ -87,7 +78,7 @@ def interpolation_path(latents: torch.Tensor, steps: int, method: str = "slerp")
 def latent_path(model: Autoencoder, pixels: torch.Tensor, steps: int = 8, method: str = "slerp") -> torch.Tensor:
     """Images (N ≥ 2, 3, R, R) in [-1, 1] -> model latents along the path, (N − 1, steps, C, h, w),
     interpolated in the scaled latent space (module docstring)."""
-    scaled = to_diffusion_latents(model, decoder_latents(model, pixels))
+    scaled = to_diffusion_latents(model, decoder_latents(model, pixels.to(model.device)))
     return from_diffusion_latents(model, interpolation_path(scaled, steps, method))
 
 
@@ -122,8 +113,7 @@ def write_interpolation(model: Autoencoder, source: ImageSource, output_dir: str
     """Interpolate along the readable images of ``source`` in order; write ``interpolation_grid.png``
     (one row per segment, one column per step), ``interpolation.<gif|webp>`` (the whole path) and
     ``unreadable.csv`` (``known_failures`` — e.g. from ``open_inputs`` — and inputs that failed to decode)."""
-    if animation not in ANIMATION_FORMATS:
-        raise ConfigError(f"--format must be one of {', '.join(ANIMATION_FORMATS)}, got {animation!r}")
+    check_choice("--format", animation, ANIMATION_FORMATS)
     check_resolution(model, resolution)
     keys, pixels, read_failures = load_images(source, resolution)
     failures = [*known_failures, *read_failures]

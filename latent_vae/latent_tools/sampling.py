@@ -1,6 +1,6 @@
 """Decoding random latents: the prior, or a Gaussian fitted to encoded images.
 
-Distributions (model latents z are what ``vae.decode`` consumes; common.py):
+Distributions (model latents z are what ``vae.decode`` consumes: ``models.stock.decoder_latents``):
 
 - ``prior``: KL models: z ~ N(0, I), the prior the KL term pulls the posterior towards (the
   textbook VAE sample). VQ models: a code drawn uniformly at every position (the uniform
@@ -28,26 +28,19 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
+from ..data.images import image_grid, to_pil
 from ..data.sources import Failure, ImageSource
-from ..errors import ConfigError
+from ..errors import ConfigError, check_choice, check_positive
 from ..models.stock import (
     Autoencoder,
+    decoder_latents,
     downsample_factor,
     from_diffusion_latents,
     indices_to_latents,
     is_vq,
     latent_channels,
 )
-from .common import (
-    check_resolution,
-    decode_latents,
-    decoder_latents,
-    image_grid,
-    iter_batches,
-    require_images,
-    to_pil,
-    write_failures,
-)
+from .common import check_resolution, decode_latents, iter_batches, require_images, write_failures
 
 DISTRIBUTIONS = ("prior", "scaled-prior", "fitted")
 COVARIANCES = ("diagonal", "full")
@@ -65,11 +58,8 @@ def prior_latents(model: Autoencoder, count: int, size: Tuple[int, int], distrib
         indices = torch.randint(codes, (count, height, width), generator=generator)
         return indices_to_latents(model, indices.to(model.device)).cpu()
     noise = torch.randn(count, latent_channels(model), height, width, generator=generator)
-    if distribution == "scaled-prior":
-        return from_diffusion_latents(model, noise)
-    if distribution != "prior":
-        raise ConfigError(f"prior distribution must be 'prior' or 'scaled-prior', got {distribution!r}")
-    return noise
+    check_choice("--distribution", distribution, ("prior", "scaled-prior"))
+    return from_diffusion_latents(model, noise) if distribution == "scaled-prior" else noise
 
 
 @dataclass
@@ -98,8 +88,7 @@ class LatentGaussian:
 
 def fit_gaussian(latents: torch.Tensor, covariance: str = "diagonal") -> LatentGaussian:
     """Gaussian over channels from latents (N, C, h, w), pooling all images and positions."""
-    if covariance not in COVARIANCES:
-        raise ConfigError(f"--covariance must be one of {', '.join(COVARIANCES)}, got {covariance!r}")
+    check_choice("--covariance", covariance, COVARIANCES)
     values = latents.detach().double().permute(0, 2, 3, 1).reshape(-1, latents.shape[1]).cpu()
     if values.shape[0] < 2:
         raise ConfigError("fitting a Gaussian needs at least two latent positions")
@@ -115,7 +104,8 @@ def fit_to_images(model: Autoencoder, source: ImageSource, resolution: int, cova
     for batch in iter_batches(source, resolution, batch_size, desc="encode"):
         failures += batch.failures
         if batch.pixels is not None:
-            latents.append(decoder_latents(model, batch.pixels).cpu())
+            with torch.no_grad():
+                latents.append(decoder_latents(model, batch.pixels.to(model.device)).cpu())
     latents = require_images(torch.cat(latents) if latents else None, failures, 1, "fitting a Gaussian")
     return fit_gaussian(latents, covariance), failures
 
@@ -136,13 +126,11 @@ def write_samples(model: Autoencoder, output_dir: str | Path, resolution: int, c
     """Decode ``count`` samples; write ``samples_grid.png``, ``samples/NNNNN.png`` and, for a
     fitted Gaussian, ``fitted_gaussian.json`` (its mean and covariance) and ``unreadable.csv``
     (``known_failures`` and fitting images that failed to decode)."""
-    if distribution not in DISTRIBUTIONS:
-        raise ConfigError(f"--distribution must be one of {', '.join(DISTRIBUTIONS)}, got {distribution!r}")
+    check_choice("--distribution", distribution, DISTRIBUTIONS)
     if (source is not None) != (distribution == "fitted"):
         raise ConfigError("images are used only to fit a Gaussian: give images with --distribution fitted, "
                           "none with prior or scaled-prior")
-    if count < 1:
-        raise ConfigError(f"--count must be at least 1, got {count}")
+    check_positive("--count", count)
     check_resolution(model, resolution)
     size = (resolution // downsample_factor(model),) * 2
     generator = torch.Generator().manual_seed(seed)

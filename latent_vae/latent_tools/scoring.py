@@ -3,7 +3,7 @@ far its posterior is from the prior. An autoencoder trained on one kind of image
 that kind well and others worse, so high scores flag inputs unlike the training data.
 
 Scores, per image, after the resize + centre crop to ``--resolution`` (as ``eval``), on the
-reconstruction and posterior ``eval`` uses (``evaluation.reconstruct_batch``):
+reconstruction and posterior ``eval`` uses (``evaluate.evaluation.reconstruct_batch``):
 
 - ``mse``, ``l1``: mean squared / absolute pixel error on [0, 1] (reconstruction clamped), the
   reconstruction being the stock one (KL: decoded posterior mean; VQ: quantised).
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ..data.sources import Failure, ImageSource
-from ..errors import ConfigError, PerceptualWeightsUnavailable
+from ..errors import ConfigError, PerceptualWeightsUnavailable, check_choice, check_positive
 from ..evaluate.evaluation import reconstruct_batch
 from ..evaluate.metrics import to_unit_range
 from ..losses.perceptual import build_lpips
@@ -94,8 +94,9 @@ def score_images(model: Autoencoder, source: ImageSource, resolution: int,
 
 
 def _check_percentile(percentile: float) -> None:
-    if not 0 < percentile <= 100:
-        raise ConfigError(f"--percentile must be in (0, 100], got {percentile}")
+    check_positive("--percentile", percentile)
+    if percentile > 100:
+        raise ConfigError(f"--percentile={percentile!r} must be in (0, 100]")
 
 
 def calibrate_threshold(values: List[float], percentile: float) -> float:
@@ -146,8 +147,7 @@ def write_scores(model: Autoencoder, source: ImageSource, output_dir: str | Path
     ``scores.csv`` (with an ``anomalous`` 0/1 column when there is a threshold),
     ``reference_scores.csv``, ``summary.json`` and ``unreadable.csv`` / ``reference_unreadable.csv``
     (the ``known_failures`` — e.g. from ``open_inputs`` — and inputs that failed to decode)."""
-    if score not in SCORES:
-        raise ConfigError(f"--score must be one of {', '.join(SCORES)}, got {score!r}")
+    check_choice("--score", score, SCORES)
     if score == "kl" and is_vq(model):
         raise ConfigError("--score kl needs a KL model (AutoencoderKL); a VQModel has no posterior: "
                           "use mse, l1 or lpips")

@@ -4,7 +4,7 @@ For each image: its latent channels as greyscale images and a PCA-to-RGB renderi
 latent next to the input and its reconstruction. Over all images: per-channel histograms of
 the scaled latents against the N(0, 1) density, and their statistics as CSV.
 
-Latents are the model latents (common.py): KL posterior means, VQ quantised latents (so a VQ
+Latents are the model latents (``models.stock.decoder_latents``): KL posterior means, VQ quantised latents (so a VQ
 model shows the codes its decoder actually receives).
 """
 
@@ -19,13 +19,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..data.images import image_grid
 from ..data.sources import Failure, ImageSource
-from ..models.stock import Autoencoder, downsample_factor, to_diffusion_latents
+from ..models.stock import Autoencoder, decoder_latents, downsample_factor, to_diffusion_latents
 from .common import (
     check_resolution,
     decode_latents,
-    decoder_latents,
-    image_grid,
     load_images,
     require_images,
     unique_stems,
@@ -137,7 +136,8 @@ def write_visualizations(model: Autoencoder, source: ImageSource, output_dir: st
     keys, pixels, read_failures = load_images(source, resolution)
     failures = [*known_failures, *read_failures]
     pixels = require_images(pixels, failures, 1, "visualize")
-    latents = decoder_latents(model, pixels).cpu()
+    with torch.no_grad():
+        latents = decoder_latents(model, pixels.to(model.device)).cpu()
     reconstructions = decode_latents(model, latents)
     factor = downsample_factor(model)
     colours = upscale(pca_rgb(latents), factor) * 2 - 1

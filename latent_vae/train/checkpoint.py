@@ -12,7 +12,6 @@ Old checkpoints are pruned only after the new one is in place.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import time
@@ -23,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError
+from ..runtime import atomic_write, fsync_path, replace_dir
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -31,14 +31,6 @@ _NAME = re.compile(r"^checkpoint-(\d{8})$")
 
 def checkpoint_name(step: int) -> str:
     return f"checkpoint-{step:08d}"
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def save_tensors(tensors: Dict[str, torch.Tensor], path: Path) -> None:
@@ -58,17 +50,17 @@ def write_rank_file(root: Path, step: int, rank: int, payload: Dict[str, Any]) -
     torch.save(payload, staging_dir(root, step) / f"rng-rank{rank}.pt")
 
 
-def commit(root: Path, step: int, weights: Dict[str, Dict[str, torch.Tensor]], states: Dict[str, Any],
-           metadata: Dict[str, Any], num_ranks: int) -> Path:
+def commit(root: Path, step: int, state: Dict[str, Dict[str, Any]], metadata: Dict[str, Any], num_ranks: int) -> Path:
     """Write the main-process files, the manifest, then atomically rename into place.
 
-    ``weights``: name -> tensor dict, each saved as ``<name>.safetensors``.
-    ``states``: optimiser/scheduler/scaler state dicts, saved together as ``training_state.pt``.
+    ``state``: ``TrainState.state_dict()``; each of its ``weights`` (name -> tensor dict) is saved as
+    ``<name>.safetensors``, its ``training_state`` (optimiser/scheduler/scaler state dicts) as
+    ``training_state.pt``. ``metadata`` (step, config...) goes to ``trainer_state.json``.
     """
     stage = staging_dir(root, step)
-    for name, tensors in weights.items():
+    for name, tensors in state["weights"].items():
         save_tensors(tensors, stage / f"{name}.safetensors")
-    torch.save(states, stage / "training_state.pt")
+    torch.save(state["training_state"], stage / "training_state.pt")
     (stage / "trainer_state.json").write_text(json.dumps(metadata, indent=2, sort_keys=True))
     expected_rank_files = {f"rng-rank{r}.pt" for r in range(num_ranks)}
     missing = expected_rank_files - {p.name for p in stage.iterdir()}
@@ -76,21 +68,12 @@ def commit(root: Path, step: int, weights: Dict[str, Dict[str, torch.Tensor]], s
         raise CheckpointError(f"checkpoint {stage} is missing per-process files {sorted(missing)}")
     files = {p.name: p.stat().st_size for p in sorted(stage.iterdir())}
     for name in files:
-        _fsync(stage / name)
+        fsync_path(stage / name)
     manifest = {"format": FORMAT_VERSION, "step": step, "complete": True, "files": files,
                 "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    (stage / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    _fsync(stage / MANIFEST)
-    final = root / checkpoint_name(step)
-    if final.exists():  # re-saving a step (e.g. after a resume): move the old one aside first
-        old = root / f".old-{checkpoint_name(step)}-{time.time_ns()}"
-        os.replace(final, old)
-        os.replace(stage, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(stage, final)
-    _fsync(root)
-    return final
+    atomic_write(stage / MANIFEST, lambda tmp: tmp.write_text(json.dumps(manifest, indent=2)))
+    # re-saving a step (e.g. after a resume) moves the old folder aside first
+    return replace_dir(stage, root / checkpoint_name(step))
 
 
 def discard_staging(root: Path) -> None:
@@ -151,6 +134,12 @@ def find_checkpoint(run_dir: Path, resume: str) -> Optional[Path]:
 def prune(root: Path, keep: int) -> None:
     for old in list_checkpoints(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def load_state(path: Path) -> Dict[str, Dict[str, Any]]:
+    """What ``commit`` wrote, in the layout of ``TrainState.state_dict()``."""
+    weights = {file.stem: load_tensors(file) for file in sorted(path.glob("*.safetensors"))}
+    return {"weights": weights, "training_state": load_training_state(path)}
 
 
 def load_training_state(path: Path) -> Dict[str, Any]:

@@ -14,9 +14,28 @@ from typing import List, Optional
 import torch
 from torch import nn
 
+from ..config import ModelConfig
 from ..losses.base import RegularizerOutput
-from ..models.stock import Autoencoder, is_vq
+from ..models.loading import build_autoencoder
+from ..models.stock import Autoencoder, encoder_latents, is_vq, posterior
 from ..seeding import seeded_normal
+
+
+def build_trainable_vae(cfg: ModelConfig) -> Autoencoder:
+    """The stock model to train, with ``model.trainable`` and ``model.gradient_checkpointing`` applied."""
+    vae = build_autoencoder(cfg)
+    if cfg.trainable == "decoder":
+        # Decoder-only fine-tuning: the latent space (encoder + quant_conv, codebook) is frozen,
+        # so diffusion models trained on this VAE's latents stay valid.
+        vae.requires_grad_(False)
+        vae.decoder.requires_grad_(True)
+        vae.post_quant_conv.requires_grad_(True)
+    if cfg.gradient_checkpointing:
+        # diffusers flags VQModel as unsupported, but its Encoder/Decoder are AutoencoderKL's,
+        # which checkpoint correctly (tested); the flag is per instance and is not exported.
+        vae._supports_gradient_checkpointing = True
+        vae.enable_gradient_checkpointing()
+    return vae
 
 
 @dataclass
@@ -41,15 +60,15 @@ class TrainableAutoencoder(nn.Module):
         return self.vae.decoder.conv_out.weight
 
     def forward(self, images: torch.Tensor, seeds: Optional[List[int]] = None, step: int = 0) -> AutoencoderOutput:
-        encoded = self.vae.encode(images)
         if is_vq(self.vae):
-            regularized = self.regularizer(encoded.latents, step)
+            # The regulariser quantises (and maintains the codebook); decode must not quantise again.
+            regularized = self.regularizer(encoder_latents(self.vae, images), step)
             decoded = self.vae.decode(regularized.latents, force_not_quantize=True).sample
         else:
-            posterior = encoded.latent_dist
+            q = posterior(self.vae, images)
             noise = None
-            if seeds is not None:
-                noise = seeded_normal(seeds, posterior.mean.shape[1:], posterior.mean.device, posterior.mean.dtype)
-            regularized = self.regularizer(posterior, noise, step)
+            if seeds is not None:  # per-sample seeded noise: a sample's latent does not depend on its batch
+                noise = seeded_normal(seeds, q.mean.shape[1:], q.mean.device, q.mean.dtype)
+            regularized = self.regularizer(q, noise, step)
             decoded = self.vae.decode(regularized.latents).sample
         return AutoencoderOutput(decoded, regularized, self.logvar)

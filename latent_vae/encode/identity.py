@@ -1,0 +1,90 @@
+"""What defines an encode's output (``encode_config.json``), and whether an output directory
+holds a fresh, resumable or complete run of exactly that encode."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
+
+import torch
+
+from ..data.sources import ImageSource
+from ..errors import ConfigError
+from ..models.stock import Autoencoder
+from .options import EncodeOptions
+
+FORMAT_VERSION = 1
+
+
+def model_fingerprint(model: Autoencoder) -> str:
+    """SHA-256 of the weights: a resumed run must encode with exactly the same model."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+                      if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def source_fingerprint(source: ImageSource) -> str:
+    digest = hashlib.sha256(str(len(source)).encode())
+    dataset = getattr(source, "dataset", None)
+    if dataset is not None:
+        digest.update(str(getattr(dataset, "_fingerprint", "")).encode())
+    else:
+        for index in range(len(source)):
+            digest.update(source.key(index).encode() + b"\n")
+    return digest.hexdigest()
+
+
+def model_path(model: Union[str, Path, Autoencoder]) -> Optional[str]:
+    """Where ``decode`` can load the model from: an absolute local folder or a hub id."""
+    name = model if isinstance(model, (str, Path)) else getattr(model.config, "_name_or_path", None)
+    if not name:
+        return None
+    local = Path(name).expanduser()
+    return str(local.resolve()) if local.exists() else str(name)
+
+
+def run_identity(vae: Autoencoder, source: ImageSource, opts: EncodeOptions, precision: str) -> Dict[str, Any]:
+    """Everything that determines the rows: a resumed run must match it exactly."""
+    return {
+        "format": FORMAT_VERSION,
+        "model": {"class": type(vae).__name__, "weights_sha256": model_fingerprint(vae)},
+        "data": {"source": str(source.name), "inputs": len(source), "fingerprint": source_fingerprint(source),
+                 "image_column": opts.image_column, "split": opts.split},
+        "preprocessing": {"resolution": opts.resolution, "buckets": opts.buckets, "upscale": opts.upscale},
+        "latent": {"mode": opts.latent, "seed": opts.seed, "dtype": opts.dtype, "precision": precision,
+                   "tiled": opts.tiled, "tile_size": opts.tile_size if opts.tiled else None,
+                   "tile_overlap": opts.tile_overlap if opts.tiled else None},
+        "shard_size": opts.shard_size,
+    }
+
+
+def _differences(old: Dict[str, Any], new: Dict[str, Any], prefix: str = "") -> List[str]:
+    changed = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changed += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            changed.append(f"{prefix}{key}: {a} -> {b}")
+    return changed
+
+
+def prepare_output(output_dir: Path, identity: Dict[str, Any], overwrite: bool) -> str:
+    """'fresh', 'resume' or 'complete'; refuses to mix two different encodes in one directory."""
+    config_path = output_dir / "encode_config.json"
+    if overwrite or not output_dir.exists() or not any(output_dir.iterdir()):
+        return "fresh"
+    if not config_path.is_file():
+        raise ConfigError(f"{output_dir} is not empty and holds no latent_vae encode; choose a new --output-dir")
+    previous = json.loads(config_path.read_text())
+    changed = _differences(previous.get("identity", {}), identity)
+    if changed:
+        raise ConfigError(
+            f"{output_dir} holds an encode with other settings ({'; '.join(changed[:3])}); "
+            "rerun with the same settings to resume, choose a new --output-dir, or pass --overwrite to replace it")
+    return "complete" if (output_dir / "summary.json").is_file() else "resume"

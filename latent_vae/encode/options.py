@@ -1,0 +1,58 @@
+"""What ``encode_dataset`` can be told, and the checks that refuse a bad value before any work."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+from ..errors import ConfigError, check_choice, check_positive
+from ..runtime import PRECISIONS
+
+LATENT_MODES = ("mean", "mean_logvar", "sample")
+STORAGE_DTYPES = ("fp32", "fp16", "bf16")
+BUCKET_MODES = ("none", "sdxl")
+
+
+@dataclass
+class EncodeOptions:
+    """Everything ``encode_dataset`` can be told. Fields above ``batch_size`` define the output
+    (a resumed run must use the same values); the others only change the speed."""
+
+    resolution: int = 256
+    buckets: str = "none"
+    upscale: bool = True
+    latent: str = "mean"
+    seed: int = 0
+    dtype: str = "fp32"
+    precision: str = "auto"
+    tiled: bool = False
+    tile_size: Optional[int] = None
+    tile_overlap: float = 0.25
+    image_column: str = "image"
+    split: str = "train"
+    subfolder: Optional[str] = None
+    shard_size: int = 256
+    # ---- speed only
+    batch_size: Optional[int] = None  # 16 on CUDA, 1 on CPU (larger CPU batches fall out of cache)
+    num_workers: int = field(default_factory=lambda: min(4, max(0, (os.cpu_count() or 1) - 1)))
+    prefetch_factor: int = 4
+    channels_last: bool = False
+    compile: bool = False
+    compile_backend: str = "inductor"
+    device: Optional[str] = None
+    overwrite: bool = False
+    keep_shards: bool = False
+    progress: bool = True
+
+    def validate(self) -> None:
+        """Named by their command-line flags: that is how a user sets them."""
+        check_choice("--latent", self.latent, LATENT_MODES)
+        check_choice("--dtype", self.dtype, STORAGE_DTYPES)
+        check_choice("--precision", self.precision, PRECISIONS)
+        check_choice("--buckets", self.buckets, BUCKET_MODES)
+        for name in ("resolution", "batch_size", "shard_size"):
+            if getattr(self, name) is not None:
+                check_positive(f"--{name.replace('_', '-')}", getattr(self, name))
+        if not 0.0 < self.tile_overlap < 1.0:
+            raise ConfigError(f"--tile-overlap must be between 0 and 1 (got {self.tile_overlap})")

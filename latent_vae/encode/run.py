@@ -1,0 +1,266 @@
+"""One encode run: ``encode_dataset`` reads images (a folder, a ``save_to_disk`` dataset, a hub
+dataset), preprocesses them (resize + centre crop, or SDXL-style aspect-ratio buckets, recorded
+per row), encodes them in batches and writes a ``datasets``-loadable directory::
+
+    latents/
+      data-*.arrow, dataset_info.json, state.json   datasets.load_from_disk("latents/")
+      encode_config.json   what defines the output (model, data, preprocessing, storage)
+      failures.jsonl       one line per unusable input: {"index", "id", "reason"}
+      summary.json         counts (read = encoded + failed); written last: the run is complete
+      shards/              per-shard files while the run is in progress
+
+Resumable and loss-free: the inputs are cut into fixed shards of ``shard_size`` consecutive
+indices; shard ``j`` belongs to process ``j mod P`` and counts as done once its manifest exists
+(``storage.ShardStore``). A killed run restarted with the same settings (any number of
+processes) redoes only the shards without a manifest. The merge checks that every input index
+appears exactly once, as a row or as a failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import numpy as np
+import torch
+
+from ..data.sources import Failure, ImageSource, open_source
+from ..distributed import make_accelerator
+from ..errors import ConfigError, DataError
+from ..models.loading import load_autoencoder
+from ..models.stock import Autoencoder, downsample_factor, is_vq, latent_channels
+from ..models.tiling import configure_tiling
+from ..runtime import atomic_write_bytes, atomic_write_json, fsync_path, resolve_precision
+from ..seeding import derive_seed
+from .encoder import LatentEncoder
+from .identity import model_path, prepare_output, run_identity
+from .options import EncodeOptions
+from .preprocess import EncodeInputs, Preprocessing, bucket_sizes, collate_by_size
+from .storage import ShardAssembler, ShardStore, output_features, passthrough_dataset
+
+OUTPUT_FILES = ("encode_config.json", "failures.jsonl", "summary.json", "dataset_info.json", "state.json")
+
+
+@dataclass
+class EncodeSummary:
+    """Counts of one encode: ``read`` inputs = ``encoded`` rows + ``failed`` (listed in ``failures_path``)."""
+
+    output_dir: Path
+    read: int
+    encoded: int
+    failed: int
+    resumed: int = 0
+    seconds: float = 0.0
+    images_per_second: float = 0.0
+    data_wait_fraction: float = 0.0
+    fp32_retries: int = 0
+    compile_failure: Optional[str] = None
+
+    @property
+    def failures_path(self) -> Path:
+        return self.output_dir / "failures.jsonl"
+
+    def to_json(self) -> Dict[str, Any]:
+        return {**asdict(self), "output_dir": str(self.output_dir)}
+
+
+def _read_summary(output_dir: Path) -> EncodeSummary:
+    return EncodeSummary(**{**json.loads((output_dir / "summary.json").read_text()), "output_dir": output_dir})
+
+
+def _clear_outputs(output_dir: Path) -> None:
+    shutil.rmtree(output_dir / "shards", ignore_errors=True)
+    for path in [*(output_dir / name for name in OUTPUT_FILES), *output_dir.glob("data-*.arrow")]:
+        path.unlink(missing_ok=True)
+
+
+def _accelerator(device: Optional[str]):
+    from accelerate.utils import InitProcessGroupKwargs
+
+    # Processes wait for the slowest one before the merge; shares can differ by a shard or more.
+    return make_accelerator(force_cpu=device == "cpu",
+                            kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=24))])
+
+
+def _load_inputs(model: Union[str, Path, Autoencoder], data: Union[str, Path, ImageSource, None],
+                 opts: EncodeOptions) -> Tuple[Autoencoder, ImageSource, List[Failure]]:
+    """The model (tiled if asked) and the image source, checked against the options before
+    anything is written."""
+    vae = load_autoencoder(str(model), subfolder=opts.subfolder) if isinstance(model, (str, Path)) else model
+    if is_vq(vae) and opts.latent != "mean":
+        raise ConfigError(f"--latent {opts.latent} needs a KL posterior; {type(vae).__name__} has none: "
+                          "use --latent mean")
+    factor = downsample_factor(vae)
+    if opts.resolution % factor:
+        raise ConfigError(f"--resolution {opts.resolution} is not a multiple of the model's downsampling factor "
+                          f"{factor}; use {opts.resolution // factor * factor or factor}")
+    if opts.tiled:
+        configure_tiling(vae, opts.tile_size, opts.tile_overlap)
+    if isinstance(data, ImageSource):
+        return vae, data, []
+    # Headers are not pre-verified: every input is read once, in the workers, and a bad one is
+    # listed by the shard that holds it.
+    source, scan_failures = open_source(None if data is None else str(data), opts.image_column, opts.split,
+                                        verify=False)
+    return vae, source, scan_failures
+
+
+def encode_dataset(model: Union[str, Path, Autoencoder], data: Union[str, Path, ImageSource, None],
+                   output_dir: Union[str, Path], **options: Any) -> EncodeSummary:
+    """Encode every image of ``data`` into a ``datasets`` directory at ``output_dir``.
+
+    ``model``: a diffusers folder, hub id, or an ``AutoencoderKL``/``VQModel`` instance.
+    ``data``: an image folder, a ``save_to_disk`` dataset, a hub dataset name, an ``ImageSource``,
+    or None (the scikit-image sample photos). ``options``: fields of ``EncodeOptions``.
+    Run under ``accelerate launch``/``torchrun`` for several processes; every process returns
+    the same summary.
+    """
+    from accelerate.utils import broadcast_object_list
+
+    try:
+        opts = EncodeOptions(**options)
+    except TypeError as err:
+        raise ConfigError(f"encode_dataset: {err}") from None
+    opts.validate()
+    output_dir = Path(output_dir).resolve()
+    started = time.perf_counter()
+    accelerator = _accelerator(opts.device)
+    device = torch.device(opts.device) if opts.device else accelerator.device
+    opts.batch_size = opts.batch_size or (16 if device.type == "cuda" else 1)
+    vae, source, scan_failures = _load_inputs(model, data, opts)
+    precision = resolve_precision(opts.precision, device, is_vq(vae))
+    identity = run_identity(vae, source, opts, precision)
+    # Every process must be cutting the same input list into the same shards.
+    if broadcast_object_list([identity["data"]["fingerprint"]])[0] != identity["data"]["fingerprint"]:
+        raise DataError(f"{source.name} changed while the processes were listing it; rerun when it is stable")
+
+    # ---------------------------------------------------------------- output directory: new, resumed or done
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"output directory {output_dir} cannot be created ({err.strerror}); "
+                          "choose another --output-dir") from None
+    state = prepare_output(output_dir, identity, opts.overwrite)
+    accelerator.wait_for_everyone()  # every process has read the old state before it changes
+    if state == "complete":
+        return _read_summary(output_dir)
+    store = ShardStore(output_dir, opts.shard_size, len(source))
+    resumed = sum(len(store.indices(j)) for j in range(store.num_shards) if store.is_done(j)) \
+        if state == "resume" else 0
+    factor = downsample_factor(vae)
+    if state == "fresh" and accelerator.is_main_process:
+        _clear_outputs(output_dir)
+        atomic_write_json(output_dir / "encode_config.json", {
+            "identity": identity, "model_path": model_path(model), "subfolder": opts.subfolder,
+            "latent_channels": latent_channels(vae), "downsample_factor": factor,
+            "buckets": [list(b) for b in bucket_sizes(opts.resolution, factor)] if opts.buckets == "sdxl" else None,
+        })
+    accelerator.wait_for_everyone()
+
+    # ---------------------------------------------------------------- this process's shards
+    vae.to(device)
+    encoder = LatentEncoder(vae, opts.latent, precision, opts.channels_last, opts.compile, opts.compile_backend)
+    passthrough = passthrough_dataset(source)
+    features, renamed = output_features(opts, encoder.vq, passthrough.features if passthrough is not None else {})
+    mine = [j for j in range(accelerator.process_index, store.num_shards, accelerator.num_processes)
+            if not store.is_done(j)]
+    inputs = EncodeInputs(source, Preprocessing(opts.resolution, opts.buckets, opts.upscale, factor))
+    timing = _encode_shards(encoder, inputs, ShardAssembler(store, source, opts, features, renamed), mine, opts,
+                            device, show_progress=opts.progress and accelerator.is_main_process)
+
+    # ---------------------------------------------------------------- merge, once every shard is written
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _merge(output_dir, store, source, scan_failures, features, opts.keep_shards, **timing, resumed=resumed,
+               fp32_retries=encoder.fp32_retries, seconds=time.perf_counter() - started,
+               compile_failure=encoder.compile_failure)
+    accelerator.wait_for_everyone()
+    return _read_summary(output_dir)
+
+
+def _encode_shards(encoder: LatentEncoder, inputs: EncodeInputs, assembler: ShardAssembler, shards: List[int],
+                   opts: EncodeOptions, device: torch.device, show_progress: bool) -> Dict[str, float]:
+    """Encode this process's pending shards in batches that never straddle two shards; returns
+    the loop's throughput and the fraction of it spent waiting for input."""
+    from tqdm.auto import tqdm
+
+    batches = [list(indices[i:i + opts.batch_size]) for j in shards
+               for indices in [assembler.store.indices(j)] for i in range(0, len(indices), opts.batch_size)]
+    total = sum(len(b) for b in batches)
+    if not batches:
+        return {"images_per_second": 0.0, "data_wait_fraction": 0.0}
+    loader = torch.utils.data.DataLoader(
+        inputs, batch_sampler=batches, collate_fn=collate_by_size,
+        num_workers=opts.num_workers, pin_memory=device.type == "cuda",
+        prefetch_factor=opts.prefetch_factor if opts.num_workers > 0 else None,
+    )
+    progress = tqdm(total=total, unit="img", desc="encode", disable=not show_progress, dynamic_ncols=True)
+    start, waited, failed = time.perf_counter(), 0.0, 0
+    iterator = iter(loader)
+    with torch.inference_mode():
+        while True:
+            tick = time.perf_counter()
+            batch = next(iterator, None)
+            waited += time.perf_counter() - tick
+            if batch is None:
+                break
+            for group in batch["groups"]:
+                seeds = [derive_seed(opts.seed, i) for i in group["indices"]] if opts.latent == "sample" else None
+                encoded = encoder(group["pixels"].to(device, non_blocking=True), seeds)
+                assembler.add_rows(group["indices"], group["records"], encoded, seeds)
+            assembler.add_failures(batch["failures"])
+            failed += len(batch["failures"])
+            progress.update(sum(len(g["indices"]) for g in batch["groups"]) + len(batch["failures"]))
+            if failed:
+                progress.set_postfix(failed=failed, refresh=False)
+    progress.close()
+    elapsed = time.perf_counter() - start
+    return {"images_per_second": total / elapsed, "data_wait_fraction": waited / elapsed}
+
+
+def _merge(output_dir: Path, store: ShardStore, source: ImageSource, scan_failures: List[Failure], features,
+           keep_shards: bool, **summary_fields: Any) -> None:
+    """Concatenate the shards in index order into one ``datasets`` directory, check that every
+    input is there exactly once (as a row or a failure), then mark the run complete."""
+    import datasets
+
+    missing = [j for j in range(store.num_shards) if not store.is_done(j)]
+    if missing:
+        raise RuntimeError(f"shards {missing[:5]} of {output_dir} were not written; rerun the same command to finish")
+    manifests = [store.manifest(j) for j in range(store.num_shards)]
+    parts = [datasets.Dataset.from_file(str(store.data_path(j))) for j, m in enumerate(manifests) if m["rows"]]
+    failures = [f for m in manifests for f in m["failures"]]
+    indices = np.concatenate([np.asarray(p.with_format("numpy")["index"], dtype=np.int64) for p in parts]
+                             + [np.asarray([f["index"] for f in failures], dtype=np.int64)])
+    if len(indices) != len(source) or not np.array_equal(np.sort(indices), np.arange(len(source))):
+        raise RuntimeError(f"{output_dir}: the shards do not hold every input exactly once; rerun with --overwrite")
+
+    staging = output_dir / ".merge-tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    if parts:
+        datasets.concatenate_datasets(parts).save_to_disk(str(staging), max_shard_size="1GB")
+    else:  # every input failed: an empty dataset with the right columns
+        datasets.Dataset.from_dict({name: [] for name in features}, features=features).save_to_disk(str(staging))
+    # The dataset's files join the run's own files in output_dir, so this is a per-file move, not a
+    # folder swap (runtime.replace_dir); a kill part-way leaves no summary.json, and the rerun merges again.
+    for old in [*output_dir.glob("data-*.arrow"), output_dir / "dataset_info.json", output_dir / "state.json"]:
+        old.unlink(missing_ok=True)
+    for produced in staging.iterdir():
+        os.replace(produced, output_dir / produced.name)
+    shutil.rmtree(staging, ignore_errors=True)
+    fsync_path(output_dir)  # the moves are on disk before summary.json says the run is complete
+
+    all_failures = [{"index": None, "id": f.key, "reason": f.reason} for f in scan_failures] + failures
+    atomic_write_bytes(output_dir / "failures.jsonl",
+                       lambda h: h.write("".join(json.dumps(f, sort_keys=True) + "\n" for f in all_failures).encode()))
+    summary = EncodeSummary(output_dir=output_dir, read=len(source) + len(scan_failures),
+                            encoded=len(source) - len(failures), failed=len(all_failures), **summary_fields)
+    atomic_write_json(output_dir / "summary.json", {k: v for k, v in summary.to_json().items() if k != "output_dir"})
+    if not keep_shards:
+        shutil.rmtree(store.root, ignore_errors=True)

@@ -1,0 +1,220 @@
+"""How encoded rows are stored: the storage dtypes, the output columns, and the shards of a run.
+
+Rows hold the latent as nested lists ``(C, h, w)`` in the storage dtype: fp32, fp16, or bf16
+stored as its raw bit pattern in int16 (Arrow has no bfloat16); ``latent_to_tensor`` turns
+any stored value back into a tensor, exactly.
+
+A shard (``shards/shard-000012.arrow``) is written to a temporary name and renamed, then its
+manifest (``shard-000012.json``: row count and failures) is written the same way; a shard
+counts as done only when its manifest exists.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from ..data.sources import ImageSource
+from ..runtime import atomic_write_bytes, atomic_write_json
+from .options import EncodeOptions
+
+if TYPE_CHECKING:  # imported where used: `import latent_vae` stays light
+    import datasets
+    import pyarrow
+
+
+def to_storage(latents: torch.Tensor, dtype: str) -> np.ndarray:
+    """fp32 latents -> the stored array: float32, float16, or bf16's bit pattern as int16."""
+    if dtype == "fp32":
+        return latents.float().numpy()
+    if dtype == "fp16":
+        return latents.half().numpy()
+    return latents.bfloat16().view(torch.int16).numpy()
+
+
+def latent_to_tensor(value: Any, dtype: str) -> torch.Tensor:
+    """A stored latent (nested lists, numpy array or tensor, any ``datasets`` format) -> a tensor
+    of exactly the stored values: float32, float16 or bfloat16 for ``dtype`` fp32/fp16/bf16."""
+    array = np.asarray(value.numpy() if isinstance(value, torch.Tensor) else value)
+    if dtype == "bf16":
+        return torch.from_numpy(array.astype(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(array.astype(np.float16 if dtype == "fp16" else np.float32))
+
+
+def _nested_lists(array: np.ndarray) -> "pyarrow.Array":
+    """(N, d1, ..., dk) numpy array -> Arrow list<list<...>> of N rows, without Python loops."""
+    import pyarrow as pa
+
+    nested = pa.array(np.ascontiguousarray(array).reshape(-1))
+    count = array.size
+    for size in reversed(array.shape[1:]):
+        nested = pa.ListArray.from_arrays(pa.array(np.arange(0, count + 1, size, dtype=np.int32)), nested)
+        count //= size
+    return nested
+
+
+def _value_type(dtype: str) -> str:
+    return {"fp32": "float32", "fp16": "float16", "bf16": "int16"}[dtype]
+
+
+def output_features(options: EncodeOptions, vq: bool, passthrough) -> Tuple["datasets.Features", Dict[str, str]]:
+    """The output columns, and the output name of each source column passed through: its own,
+    or ``source_<name>`` where it would collide with one of ours."""
+    from datasets import Features, List, Value
+
+    latent = List(List(List(Value(_value_type(options.dtype)))))
+    pair = List(Value("int32"))
+    columns: Dict[str, Any] = {"id": Value("string"), "index": Value("int64"), "latent": latent}
+    if options.latent == "mean_logvar":
+        columns["logvar"] = latent
+    if options.latent == "sample":
+        columns["sample_seed"] = Value("int64")
+    if vq:
+        columns["tokens"] = List(List(Value("int32")))
+    columns.update({"latent_shape": List(Value("int32")), "original_size": pair, "resized_size": pair,
+                    "crop_top_left": pair, "target_size": pair, "upscaled": Value("bool")})
+    renamed: Dict[str, str] = {}
+    for name, feature in passthrough.items():
+        output_name = name
+        while output_name in columns:
+            output_name = f"source_{output_name}"
+        renamed[name], columns[output_name] = output_name, feature
+    return Features(columns), renamed
+
+
+def passthrough_dataset(source: ImageSource):
+    """The source's other columns (captions, labels...) as a ``datasets.Dataset``, or None for folders."""
+    dataset = getattr(source, "dataset", None)
+    if dataset is None:
+        return None
+    return dataset.remove_columns([source.image_column])
+
+
+class ShardStore:
+    """Shard files of one output directory: ``shard-000012.arrow`` + ``shard-000012.json``."""
+
+    def __init__(self, output_dir: Path, shard_size: int, num_items: int):
+        self.root, self.shard_size, self.num_items = output_dir / "shards", shard_size, num_items
+        self.num_shards = max(1, math.ceil(num_items / shard_size))
+
+    def indices(self, shard: int) -> range:
+        return range(shard * self.shard_size, min(self.num_items, (shard + 1) * self.shard_size))
+
+    def data_path(self, shard: int) -> Path:
+        return self.root / f"shard-{shard:06d}.arrow"
+
+    def manifest_path(self, shard: int) -> Path:
+        return self.root / f"shard-{shard:06d}.json"
+
+    def is_done(self, shard: int) -> bool:
+        return self.manifest_path(shard).is_file()
+
+    def manifest(self, shard: int) -> Dict[str, Any]:
+        return json.loads(self.manifest_path(shard).read_text())
+
+    def write(self, shard: int, table, failures: List[Dict[str, Any]]) -> None:
+        import pyarrow as pa
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        if table.num_rows:
+            def write_stream(handle):
+                with pa.ipc.new_stream(handle, table.schema) as writer:
+                    writer.write_table(table)
+
+            atomic_write_bytes(self.data_path(shard), write_stream)
+        atomic_write_json(self.manifest_path(shard), {"shard": shard, "rows": table.num_rows, "failures": failures})
+
+
+class ShardAssembler:
+    """Collects the encoded rows of the shards in flight and writes each one when complete."""
+
+    def __init__(self, store: ShardStore, source: ImageSource, options: EncodeOptions, features,
+                 passthrough: Dict[str, str]):
+        self.store, self.source, self.options, self.features = store, source, options, features
+        self.passthrough = passthrough
+        self.pending: Dict[int, Dict[str, Any]] = {}
+
+    def _shard(self, shard: int) -> Dict[str, Any]:
+        return self.pending.setdefault(shard, {"seen": 0, "parts": [], "failures": []})
+
+    def add_rows(self, indices: List[int], records: List[Dict[str, Any]], encoded: Dict[str, torch.Tensor],
+                 seeds: Optional[List[int]]) -> None:
+        rows = {name: to_storage(value, self.options.dtype) for name, value in encoded.items() if name != "tokens"}
+        keep = list(range(len(indices)))
+        if self.options.dtype == "fp16":  # beyond ±65504: listed as failures, never stored as inf
+            finite = np.array([np.isfinite(v.reshape(len(indices), -1)).all(axis=1) for v in rows.values()]).all(axis=0)
+            for i in np.flatnonzero(~finite):
+                self._fail(indices[i], "latent exceeds the fp16 range; encode with --dtype bf16 or fp32")
+            keep = np.flatnonzero(finite).tolist()
+        if not keep:
+            return
+        by_shard: Dict[int, List[int]] = {}
+        for position in keep:
+            by_shard.setdefault(indices[position] // self.store.shard_size, []).append(position)
+        for shard, positions in by_shard.items():
+            part = {name: array[positions] for name, array in rows.items()}
+            if "tokens" in encoded:
+                part["tokens"] = encoded["tokens"][positions].numpy().astype(np.int32)
+            part["index"] = [indices[p] for p in positions]
+            part["records"] = [records[p] for p in positions]
+            part["seeds"] = [seeds[p] for p in positions] if seeds is not None else None
+            entry = self._shard(shard)
+            entry["parts"].append(part)
+            entry["seen"] += len(positions)
+            self._flush_if_complete(shard)
+
+    def _fail(self, index: int, reason: str) -> None:
+        shard = index // self.store.shard_size
+        entry = self._shard(shard)
+        entry["failures"].append({"index": index, "id": self.source.key(index), "reason": reason})
+        entry["seen"] += 1
+        self._flush_if_complete(shard)
+
+    def add_failures(self, failures: List[Tuple[int, str]]) -> None:
+        for index, reason in failures:
+            self._fail(index, reason)
+
+    def _flush_if_complete(self, shard: int) -> None:
+        entry = self.pending[shard]
+        if entry["seen"] == len(self.store.indices(shard)):
+            del self.pending[shard]
+            failures = sorted(entry["failures"], key=lambda f: f["index"])
+            self.store.write(shard, self._table(entry["parts"]), failures)
+
+    def _table(self, parts: List[Dict[str, Any]]):
+        import pyarrow as pa
+
+        schema = self.features.arrow_schema
+        if not parts:
+            return schema.empty_table()
+        indices = [i for part in parts for i in part["index"]]
+        records = [r for part in parts for r in part["records"]]
+        columns: Dict[str, Any] = {
+            "id": pa.array([self.source.key(i) for i in indices]),
+            "index": pa.array(indices, pa.int64()),
+            "latent_shape": pa.array([list(part["latent"].shape[1:]) for part in parts
+                                      for _ in part["index"]], pa.list_(pa.int32())),
+        }
+        for name in ("latent", "logvar", "tokens"):
+            if name in parts[0]:
+                columns[name] = pa.concat_arrays([_nested_lists(part[name]) for part in parts])
+        if "sample_seed" in schema.names:
+            columns["sample_seed"] = pa.array([s for part in parts for s in part["seeds"]], pa.int64())
+        for key in ("original_size", "resized_size", "crop_top_left", "target_size", "upscaled"):
+            columns[key] = pa.array([r[key] for r in records])
+        columns.update(self._passthrough(indices))
+        table = pa.Table.from_arrays([columns[name].cast(schema.field(name).type) for name in schema.names],
+                                     schema=schema)
+        return table.take(pa.array(np.argsort(indices, kind="stable")))
+
+    def _passthrough(self, indices: List[int]) -> Dict[str, Any]:
+        """The source's other columns for these rows, as Arrow arrays: passed through unchanged."""
+        if not self.passthrough:
+            return {}
+        table = passthrough_dataset(self.source).select(indices).with_format("arrow")[:]
+        return {new: table.column(name).combine_chunks() for name, new in self.passthrough.items()}
