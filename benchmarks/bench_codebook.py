@@ -13,7 +13,7 @@ Each run trains in chunks of ``--chunk`` steps, continuing with ``train(..., res
 (resume is exact). After each chunk the exported model (``<run>/model``, a stock VQModel; the
 weight EMA is off so it holds the current weights) encodes a fixed set of held-out crops:
 
-- usage: % of codes hit by the held-out tokens (``latent_vae.tokens.encode_to_indices``);
+- usage: % of codes hit by the held-out tokens (``latent_vae.models.stock.encode_to_indices``);
 - perplexity: exp(entropy of the held-out code histogram) (``codebook_statistics``); at most the
   number of codes, and at most the number of held-out tokens;
 - dead (train): codes the quantizer saw unused for ``regularizer.vq.dead_after`` training steps;

@@ -17,7 +17,7 @@ from ..errors import USER_ERRORS
 
 
 def add_tiling_arguments(group, what: str) -> None:
-    """--tiled, --tile-size, --tile-overlap, as ``latent_vae.encoding.configure_tiling`` takes them."""
+    """--tiled, --tile-size, --tile-overlap, as ``latent_vae.models.tiling.configure_tiling`` takes them."""
     group.add_argument("--tiled", action="store_true",
                        help=f"diffusers' tiled {what} (AutoencoderKL only): large images in bounded memory")
     group.add_argument("--tile-size", type=int,

@@ -9,7 +9,7 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from ..models.stock import Autoencoder, encoder_output, is_vq, latents_to_indices
 from ..runtime import _CompiledOrEager, run_with_fp32_fallback
-from ..seeding import _NOISE_SALT, seeded_normal
+from ..seeding import seeded_normal
 from .preprocess import to_model_input
 
 
@@ -60,11 +60,6 @@ class LatentEncoder:
             # Noise drawn on the CPU from a generator seeded with each image's own seed: the sample
             # depends only on that seed, not on the batch it fell in; stock diffusers gives the same
             # with `torch.Generator().manual_seed(seed)` and batch 1.
-            # SWITCH (issue 12) once seeding.seeded_normal takes `salt` (XORed into each seed instead
-            # of its fixed _NOISE_SALT) to:
-            #     seeded_normal(seeds, shape, device="cpu", dtype=torch.float32, salt=0)
-            # Until then the seeds are pre-XORed with _NOISE_SALT, which seeded_normal XORs out again.
-            noise = seeded_normal([seed ^ _NOISE_SALT for seed in seeds], posterior.mean.shape[1:],
-                                  device="cpu", dtype=torch.float32)
+            noise = seeded_normal(seeds, posterior.mean.shape[1:], device="cpu", dtype=torch.float32, salt=0)
             out["latent"] = posterior.mean + posterior.std * noise.to(self.device)
         return {name: value.cpu() for name, value in out.items()}
