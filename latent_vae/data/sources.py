@@ -128,7 +128,10 @@ class DatasetSource(ImageSource):
         return str(index)
 
     def read(self, index: int) -> Image.Image:
-        return load_image(self.dataset[index][self.image_column])
+        cell = self.dataset[index][self.image_column]
+        if not isinstance(cell, (dict, bytes, str, Image.Image)):
+            raise ImageReadError(f"the '{self.image_column}' cell is not an image (got {type(cell).__name__})")
+        return load_image(cell)
 
     def columns(self, index: int) -> Dict[str, Any]:
         row = self.dataset[index]
