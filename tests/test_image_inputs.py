@@ -162,3 +162,25 @@ def test_dataset_cells_that_are_not_images_are_unreadable_rows():
         odd = DatasetSource(datasets.Dataset.from_dict({"image": [value]}), "image", "odd")
         with pytest.raises(ImageReadError, match=f"got {name}"):
             odd.read(0)
+
+
+# --------------------------------------------------------------------------- file names
+
+
+def test_any_file_name_gives_a_printable_unique_id_and_stays_readable(tmp_path):
+    import os
+
+    from latent_vae.data.sources import FolderSource, list_image_files
+
+    names = [b"bad\xff.png", b"new\nline.png", b"tab\tand \xc3\xa9.png", b"plain.png"]
+    for name in names:
+        Image.new("RGB", (8, 8), (9, 9, 9)).save(os.path.join(os.fsencode(tmp_path), name), format="PNG")
+    files, problems = list_image_files(tmp_path)
+    source = FolderSource(tmp_path, files)
+    keys = [source.key(i) for i in range(len(source))]
+    assert not problems and len(set(keys)) == len(names)
+    assert sorted(keys) == sorted(["bad\\xff.png", "new\\x0aline.png", "tab\\x09and é.png", "plain.png"])
+    for i, key in enumerate(keys):
+        key.encode("utf-8")  # every writer (logs, CSV, JSON, Arrow) accepts it
+        assert "\n" not in key
+        assert source.read(i).size == (8, 8)
