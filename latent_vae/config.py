@@ -18,7 +18,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .errors import ConfigError, check_choice, check_positive
+from .errors import ConfigError, check_choice, check_finite, check_positive
 from .presets import REGULARIZER_KINDS, check_preset, preset_kind
 
 
@@ -61,6 +61,9 @@ class DataConfig:
         check_positive("data.val_images", self.val_images, allow_zero=True)
         check_positive("data.val_crops", self.val_crops)
         check_positive("data.num_workers", self.num_workers, allow_zero=True)
+        check_positive("data.prefetch_factor", self.prefetch_factor)
+        if self.resize is not None:
+            check_positive("data.resize", self.resize, allow_zero=True)
         if self.resolution % 8:
             raise ConfigError(f"data.resolution={self.resolution} must be a multiple of 8")
 
@@ -90,6 +93,7 @@ class ReconstructionConfig:
         check_choice("reconstruction.reduction", self.reduction, ("sum", "mean"))
         for name in ("pixel_weight", "perceptual_weight"):
             check_positive(f"reconstruction.{name}", getattr(self, name), allow_zero=True)
+        check_finite("reconstruction.logvar_init", self.logvar_init)
 
 
 @dataclass
@@ -113,6 +117,10 @@ class GANConfig:
         for name in ("start", "weight", "lecam_weight"):
             check_positive(f"gan.{name}", getattr(self, name), allow_zero=True)
         check_positive("gan.layers", self.layers)
+        check_positive("gan.channels", self.channels)
+        check_positive("gan.adaptive_weight_max", self.adaptive_weight_max)
+        if not 0.0 <= self.lecam_decay < 1.0:
+            raise ConfigError(f"gan.lecam_decay={self.lecam_decay} must be in [0, 1)")
 
 
 @dataclass
@@ -217,6 +225,8 @@ class TrainConfig:
             raise ConfigError(f"train.ema_decay={self.ema_decay} must be in (0, 1) or null")
         if self.max_grad_norm is not None:
             check_positive("train.max_grad_norm", self.max_grad_norm)
+        if self.time_limit_minutes is not None:
+            check_positive("train.time_limit_minutes", self.time_limit_minutes)
 
 
 @dataclass

@@ -31,6 +31,10 @@ class UnreadableWeights(CheckpointError):
     """A weights file that is not safe or not readable (pickles are refused)."""
 
 
+class InvalidModel(CheckpointError):
+    """A model folder or file whose config or weights header is not sane or not consistent."""
+
+
 class ConversionError(CheckpointError):
     """A single-file checkpoint that does not convert to a diffusers model."""
 
@@ -61,6 +65,11 @@ def check_choice(name: str, value: Any, choices: Iterable[Any]) -> None:
     choices = tuple(choices)
     if value not in choices:
         raise ConfigError(f"{name}={value!r} is not valid; use one of: {', '.join(map(str, choices))}")
+
+
+def check_finite(name: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{name}={value!r} must be a finite number")
 
 
 def check_positive(name: str, value: float, allow_zero: bool = False) -> None:

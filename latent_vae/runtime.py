@@ -73,6 +73,27 @@ class _CompiledOrEager:
         return self.eager(x)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# What an ordinary file or folder gets under the user's umask. Writers such as safetensors'
+# ``save_file`` create 0600 files, which another user, a WebUI service or a team share cannot read.
+_UMASK = _umask()
+FILE_MODE, DIR_MODE = 0o666 & ~_UMASK, 0o777 & ~_UMASK
+
+
+def ordinary_permissions(path: Path) -> None:
+    """Give ``path`` (recursively, for a folder) the permissions of a file the user creates."""
+    path = Path(path)
+    os.chmod(path, DIR_MODE if path.is_dir() else FILE_MODE)
+    if path.is_dir():
+        for child in path.rglob("*"):
+            os.chmod(child, DIR_MODE if child.is_dir() else FILE_MODE)
+
+
 def fsync_path(path: Path) -> None:
     """Flush a file's or folder's entry to disk (a folder: so a rename inside it survives a crash)."""
     fd = os.open(path, os.O_RDONLY)
@@ -90,6 +111,7 @@ def atomic_write(path: Path, write_to: Callable[[Path], Any]) -> Path:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         write_to(tmp)
+        os.chmod(tmp, FILE_MODE)
         fsync_path(tmp)
         os.replace(tmp, path)
     except BaseException:
@@ -113,7 +135,9 @@ def atomic_write_json(path: Path, payload: Any) -> Path:
 
 def replace_dir(staging: Path, final: Path) -> Path:
     """Swap a complete ``staging`` folder into place as ``final``: an existing ``final`` is moved aside
-    first and removed after, so a crash leaves the old or the new folder, never a mix."""
+    first and removed after, so a crash leaves the old or the new folder, never a mix. Its files get
+    ordinary permissions (``ordinary_permissions``)."""
+    ordinary_permissions(staging)
     if final.exists():
         old = final.with_name(f".{final.name}.old-{time.time_ns()}")
         os.replace(final, old)

@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+import re
+
 import pytest
 
 from latent_vae.config import CONFIG_DIR, Config, ConfigError, config_to_dict, load_config
@@ -63,3 +65,19 @@ def test_yaml_is_loaded_safely(tmp_path):
     recipe.write_text("train: !!python/object/apply:os.system ['echo pwned']\n")
     with pytest.raises(Exception, match="could not determine a constructor|ConstructorError"):
         load_config(recipe)
+
+
+@pytest.mark.parametrize("override", [
+    "train.learning_rate=.inf", "train.learning_rate=.nan", "train.learning_rate=-1e-4", "train.weight_decay=-0.1",
+    "train.weight_decay=.nan", "train.disc_lr_ratio=-1", "train.seed=-3", "train.max_grad_norm=.inf",
+    "train.adam_betas=[.nan, 0.9]", "train.ema_decay=.nan", "train.time_limit_minutes=-5",
+    "export.scaling_factor=.inf", "export.scaling_factor=0", "reconstruction.pixel_weight=.nan",
+    "reconstruction.logvar_init=.inf", "gan.weight=-0.5", "gan.adaptive_weight_max=0", "gan.lecam_decay=1.5",
+    "regularizer.kl.weight=.inf", "regularizer.kl.cycle_ratio=.nan", "regularizer.vq.beta=-0.25",
+    "regularizer.vq.ema_decay=1.0", "data.resize=-1", "data.prefetch_factor=0",
+])
+def test_non_finite_or_negative_hyper_parameters_are_refused_at_load(override):
+    """One ConfigError naming the key, before torch or numpy sees the value."""
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        load_config(None, [override])

@@ -1,5 +1,6 @@
 """Loss terms against values computed by hand (GUIDE §1 formulas)."""
 
+import copy
 import math
 
 import pytest
@@ -219,3 +220,33 @@ def test_free_bits_only_change_gradients_below_the_floor():
     assert out.loss.item() == pytest.approx(2.0 + 0.5)
     assert mean.grad[0, 0].item() == pytest.approx(2.0)  # d(0.5 mu^2)/dmu, unchanged above the floor
     assert mean.grad[0, 1].item() == 0.0                # below the floor: no gradient
+
+
+def test_fp16_adaptive_objective_is_as_accurate_as_an_ordinary_scaled_backward():
+    """Under fp16 autocast with a mean reduction, per-pixel gradients are ~1e-5: the surrogate's own
+    backward passes must be scaled like the ordinary one, or its update is several times less exact."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 3, 3, padding=1)
+    latents, images = torch.randn(4, 8, 64, 64), torch.rand(4, 3, 64, 64) * 2 - 1
+    disc = PatchDiscriminator(3, 8, 2, "none").requires_grad_(False)
+    scale = 2.0 ** 12  # what a GradScaler multiplies the loss by
+
+    def weight_gradient(loss_fn, half):
+        dtype = torch.float32 if half else torch.float64
+        layer, d = copy.deepcopy(conv).to(dtype), copy.deepcopy(disc).to(dtype)
+        with torch.autocast("cpu", dtype=torch.float16, enabled=half):
+            recon = layer(latents.to(dtype))
+            objective, logs = loss_fn.generator_loss(images.to(dtype), recon, torch.zeros(()), torch.zeros(()), 0, d,
+                                                     layer.weight, torch.tensor(scale) if half else None)
+        (objective * (scale if half else 1.0)).backward()
+        return layer.weight.grad.double() / (scale if half else 1.0), logs["gan_weight"]
+
+    def error(loss_fn):
+        exact, weight = weight_gradient(loss_fn, half=False)
+        fp16, fp16_weight = weight_gradient(loss_fn, half=True)
+        return ((fp16 - exact).norm() / exact.norm()).item(), weight.item(), fp16_weight.item()
+
+    surrogate_error, weight, fp16_weight = error(_loss(gan=dict(start=0), reduction="mean"))
+    ordinary_error, _, _ = error(_loss(gan=dict(start=0, adaptive_weight=False, weight=weight), reduction="mean"))
+    assert fp16_weight == pytest.approx(weight, rel=5e-3)
+    assert surrogate_error < 1.5 * ordinary_error, (surrogate_error, ordinary_error)

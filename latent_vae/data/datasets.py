@@ -35,14 +35,13 @@ class TrainDataset(torch.utils.data.Dataset):
         for offset in range(len(self.source)):
             position = (index + offset) % len(self.source)
             try:
-                image = self.source.read(position)
+                image = crop_image(self.source.read(position), self.cfg.resolution, self.cfg.resize, self.cfg.crop,
+                                   self.cfg.hflip, random.Random(seed))
                 break
             except ImageReadError as err:
                 failures.append(Failure(self.source.key(position), str(err)))
         else:
             raise DataError(f"none of the {len(self.source)} images in {self.source.name} can be decoded")
-        rng = random.Random(seed)
-        image = crop_image(image, self.cfg.resolution, self.cfg.resize, self.cfg.crop, self.cfg.hflip, rng)
         return {"pixel_values": to_tensor(image), "seed": seed, "failures": failures}
 
 
@@ -57,12 +56,12 @@ class ValidationDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> Dict[str, Any]:
         image_index, crop_index = divmod(index, self.crops)
+        mode = "center" if self.crops == 1 else "random"
         try:
-            image = self.source.read(image_index)
+            image = crop_image(self.source.read(image_index), self.cfg.resolution, self.cfg.resize, mode, False,
+                               random.Random(index))
         except ImageReadError as err:
             return {"pixel_values": None, "failures": [Failure(self.source.key(image_index), str(err))]}
-        mode = "center" if self.crops == 1 else "random"
-        image = crop_image(image, self.cfg.resolution, self.cfg.resize, mode, False, random.Random(index))
         return {"pixel_values": to_tensor(image), "failures": []}
 
 

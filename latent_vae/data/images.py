@@ -40,23 +40,65 @@ def _open(source: ImageInput) -> Image.Image:
     return Image.open(source)
 
 
+def _full_scale(mode: str, array: np.ndarray) -> float:
+    """The value that means white for a single-channel high-bit-depth image.
+
+    ``I;16*``: 16-bit. ``I`` (signed 32-bit; PIL also uses it for 8- and 16-bit files): the
+    smallest of 8, 16 and 31 bits that holds the values (negative values: the signed 32-bit range). ``F``: [0, 1], [0, 255] or [0, 65535]
+    by the same rule, else the maximum (an unnormalised float image)."""
+    top = float(array.max(initial=0))
+    if mode.startswith("I;16"):
+        return 65535.0
+    ranges = (255.0, 65535.0, 2.0 ** 31 - 1) if mode == "I" else (1.0, 255.0, 65535.0)
+    return next((r for r in ranges if top <= r), top)
+
+
 def _high_bit_depth_to_8bit(image: Image.Image) -> Image.Image:
-    """16/32-bit integer and float greyscale modes, rescaled (not clipped) to 8 bits."""
-    array = np.asarray(image)
-    if image.mode.startswith("I;16") or (image.mode == "I" and array.max(initial=0) > 255):
-        array = array.astype(np.float64) / 257.0
-    elif image.mode == "F" and array.max(initial=0) <= 1.0:
-        array = array.astype(np.float64) * 255.0
-    return Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8), mode="L")
+    """16/32-bit integer and float greyscale modes, rescaled by their real range (never clipped to
+    white); non-finite values are refused."""
+    array = np.asarray(image).astype(np.float64)
+    if not np.isfinite(array).all():
+        raise ImageReadError("pixel values are not finite (NaN or infinity)")
+    if image.mode == "I" and array.min(initial=0) < 0:  # signed 32-bit data: shift to unsigned
+        array = array + 2.0 ** 31
+        scale = 255.0 / (2.0 ** 32 - 1)
+    else:
+        scale = 255.0 / _full_scale(image.mode, array)
+    return Image.fromarray(np.clip(np.rint(array * scale), 0, 255).astype(np.uint8), mode="L")
+
+
+def _to_srgb(image: Image.Image) -> Image.Image:
+    """Convert through an embedded ICC profile to sRGB (an Adobe RGB photo read as sRGB looks
+    washed out); untagged and sRGB-tagged images are left as they are."""
+    icc = image.info.get("icc_profile")
+    if not icc:
+        return image
+    from PIL import ImageCms
+
+    try:
+        profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        if "srgb" in ImageCms.getProfileDescription(profile).lower().replace(" ", ""):
+            return image
+        alpha = image.getchannel("A") if image.mode in ("RGBA", "LA") else None
+        source = image.convert({"RGBA": "RGB", "LA": "L"}.get(image.mode, image.mode))
+        converted = ImageCms.profileToProfile(source, profile, ImageCms.createProfile("sRGB"), outputMode="RGB")
+    except (ImageCms.PyCMSError, OSError, ValueError) as err:
+        raise ImageReadError(f"its embedded ICC colour profile cannot be applied ({err})") from None
+    if alpha is not None:
+        converted.putalpha(alpha)
+    return converted
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """8-bit RGB: EXIF orientation applied, alpha composited over white, high bit depth rescaled."""
+    """8-bit sRGB: EXIF orientation applied, embedded colour profile converted to sRGB, alpha
+    composited over white, high bit depth rescaled by its range."""
     image = ImageOps.exif_transpose(image)
     if image.mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
     if image.mode in ("I", "F") or image.mode.startswith("I;16"):
         image = _high_bit_depth_to_8bit(image)
+    else:
+        image = _to_srgb(image)
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, ALPHA_BACKGROUND + (255,))
@@ -103,6 +145,15 @@ def load_image(source: ImageInput) -> Image.Image:
         _check_size(image)
         image.load()
         return to_rgb(image)
+
+
+def check_pixel_count(width: int, height: int, what: str) -> None:
+    """The decompression-bomb limit applied to an image about to be created (a resize target):
+    a 200000x1 file passes the file check but its shorter-side resize would not."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and width * height > limit:
+        raise ImageReadError(f"refused: {what} would be {width}x{height} = {width * height} pixels, over "
+                             f"PIL.Image.MAX_IMAGE_PIXELS ({limit}); the aspect ratio is too extreme")
 
 
 def check_header(source: ImageInput) -> None:

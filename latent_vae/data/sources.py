@@ -43,6 +43,24 @@ class Failure:
     reason: str
 
 
+def printable(name: str) -> str:
+    """Any file name as text every writer accepts: bytes that are not UTF-8 (surrogate escapes) and
+    control characters (a newline would split a one-entry-per-line list) become ``\\xNN``. A UTF-8
+    name without control characters is unchanged."""
+    if name.isprintable():
+        return name
+    out = []
+    for char in name:
+        code = ord(char)
+        if 0xDC80 <= code <= 0xDCFF:  # os.fsdecode's escape of an undecodable byte
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif code < 0x20 or code == 0x7F:
+            out.append(f"\\x{code:02x}")
+        else:
+            out.append(char)
+    return "".join(out)
+
+
 # --------------------------------------------------------------------------- sources
 
 
@@ -79,9 +97,9 @@ class FolderSource(ImageSource):
 
     def key(self, index: int) -> str:
         try:
-            return self.files[index].relative_to(self.root).as_posix()
+            return printable(self.files[index].relative_to(self.root).as_posix())
         except ValueError:
-            return self.files[index].as_posix()
+            return printable(self.files[index].as_posix())
 
     def read(self, index: int) -> Image.Image:
         return load_image(self.files[index])
@@ -128,7 +146,10 @@ class DatasetSource(ImageSource):
         return str(index)
 
     def read(self, index: int) -> Image.Image:
-        return load_image(self.dataset[index][self.image_column])
+        cell = self.dataset[index][self.image_column]
+        if not isinstance(cell, (dict, bytes, str, Image.Image)):
+            raise ImageReadError(f"the '{self.image_column}' cell is not an image (got {type(cell).__name__})")
+        return load_image(cell)
 
     def columns(self, index: int) -> Dict[str, Any]:
         row = self.dataset[index]
@@ -161,12 +182,12 @@ def list_image_files(root: str | Path) -> Tuple[List[Path], List[Failure]]:
     files: List[Path] = []
 
     def on_error(err: OSError) -> None:
-        problems.append(Failure(str(err.filename), f"folder not readable: {err.strerror}"))
+        problems.append(Failure(printable(str(err.filename)), f"folder not readable: {err.strerror}"))
 
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=on_error):
         stat = os.stat(dirpath)
         if (stat.st_dev, stat.st_ino) in seen_dirs:
-            problems.append(Failure(dirpath, "symlink loop: folder already visited"))
+            problems.append(Failure(printable(dirpath), "symlink loop: folder already visited"))
             dirnames[:] = []
             continue
         seen_dirs.add((stat.st_dev, stat.st_ino))

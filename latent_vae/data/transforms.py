@@ -9,13 +9,17 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .images import check_pixel_count
+
 
 def resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
+    """Shorter side to ``size``, aspect kept; ``ImageReadError`` if the result would be a bomb."""
     width, height = image.size
     scale = size / min(width, height)
     if scale == 1.0:
         return image
     new_size = (max(size, round(width * scale)), max(size, round(height * scale)))
+    check_pixel_count(*new_size, f"resizing {width}x{height} to shorter side {size}")
     return image.resize(new_size, Image.BICUBIC, reducing_gap=3.0 if scale < 1 else None)
 
 

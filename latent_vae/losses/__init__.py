@@ -37,5 +37,6 @@ def build_regularizer(vae: Autoencoder, config: Config) -> nn.Module:
     check_regularizer_kind(config.regularizer.kind, kind, f"model {config.model.pretrained or config.model.preset}")
     reduction = config.reconstruction.reduction
     if kind == "vq":
-        return VectorQuantizerTrainer(vae.quantize.embedding, config.regularizer.vq, reduction, config.train.seed)
+        return VectorQuantizerTrainer(vae.quantize.embedding, config.regularizer.vq, reduction, config.train.seed,
+                                      frozen=config.model.trainable == "decoder")
     return KLRegularizer(config.regularizer.kl, reduction)

@@ -26,15 +26,19 @@ from .discriminator import discriminator_loss, generator_loss, lecam_regularizer
 
 
 def adaptive_gan_weight(reconstructions: torch.Tensor, grad_nll: torch.Tensor, grad_g: torch.Tensor,
-                        last_layer: torch.Tensor, max_weight: float) -> torch.Tensor:
+                        last_layer: torch.Tensor, max_weight: float, grad_scale: Optional[torch.Tensor] = None
+                        ) -> torch.Tensor:
     """‖∇_W L_rec‖ / (‖∇_W L_G‖ + 1e-4), clamped to [0, max], detached, in fp32.
 
-    ``grad_nll`` and ``grad_g`` are the gradients of the two losses w.r.t. the reconstructions;
-    only the last layer is back-propagated through here. Under DDP the two weight gradients are
-    averaged over processes first, so λ is the one the global batch would give, identical on
-    every rank.
+    ``grad_nll`` and ``grad_g`` are the unscaled fp32 gradients of the two losses w.r.t. the
+    reconstructions; only the last layer is back-propagated through here, with each gradient
+    multiplied by ``grad_scale`` (fp16's loss scale) on the way and divided after, so that an fp16
+    backward does not underflow. Under DDP the two weight gradients are averaged over processes
+    first, so λ is the one the global batch would give, identical on every rank.
     """
-    weight_grads = [torch.autograd.grad(reconstructions, last_layer, grad_outputs=g, retain_graph=True)[0].float()
+    scale = 1.0 if grad_scale is None else grad_scale
+    weight_grads = [torch.autograd.grad(reconstructions, last_layer, grad_outputs=(g * scale).to(reconstructions.dtype),
+                                        retain_graph=True)[0].float() / scale
                     for g in (grad_nll, grad_g)]
     grads = all_reduce_mean_(torch.stack(weight_grads))
     weight = grads[0].norm() / (grads[1].norm() + 1e-4)
@@ -74,15 +78,20 @@ class AutoencoderLoss(nn.Module):
         step: int,
         discriminator: Optional[nn.Module],
         last_layer: Optional[torch.Tensor],
+        grad_scale: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """The generator objective to back-propagate, and the logged values (``logs["total"]`` is L_G).
+        ``grad_scale``: the loss scale of fp16 training (``GradScaler``), used by the surrogate's own
+        backward passes.
 
         With the adaptive weight, the objective is a surrogate with the gradient of L_G: the
         gradients of the reconstruction and GAN terms w.r.t. the reconstructions are computed once
         (one backward through LPIPS, one through D), give λ through the last layer alone, and are
         reused for the update — instead of back-propagating through LPIPS and D twice.
         """
-        rec, logs = self.reconstruction_terms(inputs, reconstructions)
+        # Gradients are taken w.r.t. this full-precision view: w.r.t. an fp16 tensor they would be rounded to fp16.
+        precise = reconstructions.float() if reconstructions.dtype in (torch.float16, torch.bfloat16) else reconstructions
+        rec, logs = self.reconstruction_terms(inputs, precise)
         logvar = logvar.float()
         nll = rec / torch.exp(logvar) + logvar
         nll_loss = reduce_elements(nll, self.rec.reduction)
@@ -91,14 +100,17 @@ class AutoencoderLoss(nn.Module):
         objective = total
         logs.update(nll=nll_loss.detach(), regularizer=regularizer_loss.detach(), logvar=logvar.detach())
         if discriminator is not None and self.gan_active(step):
-            logits_fake = discriminator(reconstructions).float()
+            logits_fake = discriminator(precise).float()
             g_loss = generator_loss(self.gan.loss, logits_fake)
             if self.gan.adaptive_weight and last_layer is not None:
-                grad_nll, grad_g = (torch.autograd.grad(loss, reconstructions, retain_graph=True)[0]
+                # Backward passes in fp16 (through LPIPS, D, the last layer) run on scaled gradients, as the
+                # ordinary scaled backward does: unscaled, per-pixel gradients of a mean underflow fp16.
+                scale = 1.0 if grad_scale is None else grad_scale
+                grad_nll, grad_g = (torch.autograd.grad(loss * scale, precise, retain_graph=True)[0] / scale
                                     for loss in (nll_loss, g_loss))
                 weight = self.gan.weight * adaptive_gan_weight(
-                    reconstructions, grad_nll, grad_g, last_layer, self.gan.adaptive_weight_max)
-                objective = (reconstructions.float() * (grad_nll.float() + weight * grad_g.float())).sum()
+                    reconstructions, grad_nll, grad_g, last_layer, self.gan.adaptive_weight_max, grad_scale)
+                objective = (precise * (grad_nll + weight * grad_g)).sum()
                 objective = objective + regularizer_loss
                 if logvar.requires_grad:  # the NLL's direct dependence on the learned log-variance
                     objective = objective + reduce_elements(rec.detach() / torch.exp(logvar) + logvar,

@@ -63,17 +63,19 @@ def normalize_codebook_(embedding: nn.Embedding) -> None:
 
 
 class VectorQuantizerTrainer(nn.Module):
-    def __init__(self, embedding: nn.Embedding, cfg: VQConfig, reduction: str, seed: int):
+    def __init__(self, embedding: nn.Embedding, cfg: VQConfig, reduction: str, seed: int, frozen: bool = False):
+        """``frozen``: the codebook is part of a latent space that must not move (decoder-only
+        fine-tuning): no gradient, EMA update, restart or re-normalisation touches it."""
         super().__init__()
         # Not registered as a submodule: the weight belongs to (and is saved with) the VQModel.
         self.__dict__["embedding"] = embedding
-        self.cfg, self.reduction, self.seed = cfg, reduction, seed
+        self.cfg, self.reduction, self.seed, self.frozen = cfg, reduction, seed, frozen
         num_codes, dim = embedding.weight.shape
         if cfg.ema_decay is not None:
             embedding.weight.requires_grad_(False)
             self.register_buffer("ema_cluster_size", torch.ones(num_codes))
             self.register_buffer("ema_embed_sum", embedding.weight.detach().clone())
-        if cfg.l2_normalize:
+        if cfg.l2_normalize and not frozen:
             normalize_codebook_(embedding)
         self.register_buffer("steps_unused", torch.zeros(num_codes, dtype=torch.long))
         self.register_buffer("num_forwards", torch.zeros((), dtype=torch.long))
@@ -91,7 +93,7 @@ class VectorQuantizerTrainer(nn.Module):
         z = h.permute(0, 2, 3, 1).reshape(-1, dim).float()
         if self.cfg.l2_normalize:
             z = F.normalize(z, dim=1)
-            if self.training and self.cfg.ema_decay is None:
+            if self.training and self.cfg.ema_decay is None and not self.frozen:
                 normalize_codebook_(self.embedding)  # undo the last optimiser step's drift off the sphere
         codebook = self.embedding.weight.float()
         with torch.no_grad():
@@ -122,6 +124,10 @@ class VectorQuantizerTrainer(nn.Module):
     def _maintain_codebook(self, z: torch.Tensor, indices: torch.Tensor, step: int) -> Dict[str, torch.Tensor]:
         num_codes = self.embedding.weight.shape[0]
         counts = all_reduce_sum_(torch.bincount(indices, minlength=num_codes).float())
+        stats = codebook_statistics(counts)
+        batch_logs = {"codebook_usage_batch": stats["usage"], "codebook_perplexity_batch": stats["perplexity"]}
+        if self.frozen:
+            return batch_logs
         if self.cfg.ema_decay is not None:
             sums = torch.zeros_like(self.ema_embed_sum).index_add_(0, indices, z)
             self._ema_update(counts, all_reduce_sum_(sums))
@@ -133,10 +139,8 @@ class VectorQuantizerTrainer(nn.Module):
             everyone = all_gather_cat(z)  # the global batch, in rank order
             self._remember(everyone, step)
             restarted = self._restart_dead(step)
-        stats = codebook_statistics(counts)
         dead = (self.steps_unused >= self.cfg.dead_after).float().sum()
-        return {"codebook_usage_batch": stats["usage"], "codebook_perplexity_batch": stats["perplexity"],
-                "codebook_usage": 1.0 - dead / num_codes, "dead_codes": dead, "restarted_codes": restarted}
+        return {**batch_logs, "codebook_usage": 1.0 - dead / num_codes, "dead_codes": dead, "restarted_codes": restarted}
 
     def _ema_update(self, counts: torch.Tensor, sums: torch.Tensor) -> None:
         decay, eps = self.cfg.ema_decay, self.cfg.ema_epsilon

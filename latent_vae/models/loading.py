@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
 from diffusers import AutoencoderKL, VQModel
 
-from ..config import ConfigError, ModelConfig
+from ..config import ModelConfig
+from ..errors import ConfigError
 from ..presets import check_preset
+from .checks import build_on_meta, check_config, check_weights_match, read_json_config, read_safetensors_header
 from .stock import Autoencoder
 
 
@@ -30,11 +31,17 @@ def build_autoencoder(cfg: ModelConfig) -> Autoencoder:
         raise ConfigError(f"model.config does not fit {preset.cls.__name__}: {err}") from None
 
 
+SUPPORTED = {"AutoencoderKL": AutoencoderKL, "VQModel": VQModel}
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+
+
 def load_autoencoder(name_or_path: str, subfolder: Optional[str] = None) -> Autoencoder:
     """An ``AutoencoderKL`` or ``VQModel`` from a diffusers folder or a hub id.
 
-    Only safetensors weights are read: a folder holding pickled ``.bin`` weights is refused
-    (convert it with ``diffusers`` ``save_pretrained(safe_serialization=True)`` first).
+    A local folder's config is checked field by field and against the shapes its safetensors
+    header declares before anything is built (``models.checks``). Only safetensors weights are
+    read: a folder holding pickled ``.bin`` weights is refused (convert it with ``diffusers``
+    ``save_pretrained(safe_serialization=True)`` first).
     """
     local = Path(name_or_path)
     if local.exists() and not local.is_dir():
@@ -46,14 +53,14 @@ def load_autoencoder(name_or_path: str, subfolder: Optional[str] = None) -> Auto
         folder = local / subfolder if subfolder else local
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(f"{folder} is not a diffusers model folder (no config.json)")
-        class_name = json.loads((folder / "config.json").read_text()).get("_class_name", "AutoencoderKL")
+        config = read_json_config(folder / "config.json")
+        cls = check_config(config, SUPPORTED, str(folder))
+        if (folder / WEIGHTS_NAME).is_file():
+            check_weights_match(build_on_meta(cls, config, str(folder)), read_safetensors_header(folder / WEIGHTS_NAME),
+                                str(folder))
     else:
-        class_name = AutoencoderKL.load_config(name_or_path, subfolder=subfolder).get(
-            "_class_name", "AutoencoderKL"
-        )
-    cls = {"AutoencoderKL": AutoencoderKL, "VQModel": VQModel}.get(class_name)
-    if cls is None:
-        raise ValueError(f"{name_or_path}: {class_name} is not supported (AutoencoderKL or VQModel)")
+        config = AutoencoderKL.load_config(name_or_path, subfolder=subfolder)
+        cls = check_config(config, SUPPORTED, name_or_path)
     try:
         return cls.from_pretrained(name_or_path, subfolder=subfolder, use_safetensors=True)
     except (OSError, EnvironmentError) as err:

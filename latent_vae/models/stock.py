@@ -10,7 +10,8 @@ with these functions, so "the latents" always means the same tensor:
 - ``quantized_latents``: VQ codebook rows as ``VQModel.quantize`` returns them.
 - ``decoder_latents``: what ``decode`` is given for a reconstruction: KL posterior mean, VQ
   quantised latents.
-- ``training_latents``: what a diffusion model trains on: a KL posterior sample, VQ quantised latents.
+- ``training_latents``: what a diffusion model trains on: a KL posterior sample, VQ pre-quantisation
+  latents (what ``VQModel.encode`` returns and ``LDMPipeline`` denoises).
 - token ids (``latents_to_indices`` ...) and the pipeline scaling (``to_diffusion_latents``).
 - ``reconstruct``: decode(encode(x)) exactly as stock diffusers computes it.
 """
@@ -72,9 +73,11 @@ def decoder_latents(model: Autoencoder, images: torch.Tensor) -> torch.Tensor:
 
 
 def training_latents(model: Autoencoder, images: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
-    """The latents a diffusion model is trained on: a posterior sample (KL), or the quantised code (VQ)."""
+    """The latents a diffusion model is trained on, which ``scaling_factor`` normalises: a posterior
+    sample (KL); the pre-quantisation latents (VQ), as latent-diffusion's VQ models and diffusers'
+    ``LDMPipeline`` use them (the pipeline's ``vqvae.decode`` quantises the denoised latents)."""
     if is_vq(model):
-        return quantized_latents(model, model.encode(images).latents)
+        return model.encode(images).latents
     return posterior(model, images).sample(generator=generator)
 
 
