@@ -1,8 +1,7 @@
 """Configs are data: defaults, recipes, dotted overrides and clear errors."""
 
-from pathlib import Path
-
 import re
+from pathlib import Path
 
 import pytest
 

@@ -44,7 +44,18 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return torch.nn.functional.cosine_similarity(a, b, dim=0).item()
 
 
-@pytest.mark.parametrize("precision, min_cosine, max_relative", [("bf16", 0.97, 0.25), ("fp16", 0.9999, 0.01)])
+# fp16 autocast exists on CUDA only: on a CPU, Accelerate would run fp32 under that name (now refused, below).
+FP16 = pytest.param("fp16", 0.9999, 0.01, marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 needs CUDA"))
+
+
+def test_fp16_on_a_cpu_is_refused_not_silently_fp32(tmp_path):
+    from latent_vae.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU"):
+        train(fast_config("train.mixed_precision=fp16"), tmp_path)
+
+
+@pytest.mark.parametrize("precision, min_cosine, max_relative", [("bf16", 0.97, 0.25), FP16])
 def test_mixed_precision_gradients_match_fp32(tmp_path, monkeypatch, precision, min_cosine, max_relative):
     """Autocast changes conv/matmul precision only (loss reductions and the adaptive weight stay
     fp32): the step-0 losses agree within 1% and the gradients point the same way. bf16 keeps 8

@@ -81,7 +81,8 @@ def test_encode_on_the_corpus_converts_skips_and_counts_exactly(corpus, tiny_mod
 
 
 def test_eval_on_the_corpus_converts_skips_and_counts_exactly(corpus, tiny_model):
-    from latent_vae.evaluate.options import EvalOptions, evaluate
+    from latent_vae.evaluate.evaluation import evaluate
+    from latent_vae.evaluate.options import EvalOptions
     from latent_vae.models.loading import load_autoencoder
 
     source, scan_failures = open_source(str(corpus.root))

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..data.images import check_pixel_count
 from ..data.sources import ImageSource
 from ..errors import ImageReadError
 
@@ -70,6 +71,7 @@ class Preprocessing:
                                "is off (--no-upscale)")
         new_w, new_h = max(target_w, round(width * scale)), max(target_h, round(height * scale))
         if (new_w, new_h) != (width, height):
+            check_pixel_count(new_w, new_h, f"resizing {width}x{height} to cover {target_w}x{target_h}")
             image = image.resize((new_w, new_h), Image.BICUBIC, reducing_gap=3.0 if scale < 1 else None)
         left, top = (new_w - target_w) // 2, (new_h - target_h) // 2
         image = image.crop((left, top, left + target_w, top + target_h))

@@ -32,11 +32,11 @@ class EvalDataset(torch.utils.data.Dataset):
         item: Dict[str, Any] = {"index": index, "pixel_values": None, "failure": None, "upscaled": False}
         try:
             image = self.source.read(index)
+            item["upscaled"] = min(image.size) < self.resolution
+            image = crop_image(image, self.resolution, None, "center", False, random.Random(0))
         except ImageReadError as err:
             item["failure"] = Failure(self.source.key(index), str(err))
             return item
-        item["upscaled"] = min(image.size) < self.resolution
-        image = crop_image(image, self.resolution, None, "center", False, random.Random(0))
         item["pixel_values"] = to_tensor(image)
         return item
 

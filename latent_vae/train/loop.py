@@ -22,6 +22,7 @@ from ..config import Config, config_to_dict, save_config
 from ..data.datasets import TrainDataset
 from ..data.sources import split_train_val
 from ..distributed import make_accelerator
+from ..errors import ConfigError
 from .guard import StepGuard, StopRequest
 from .monitor import FailureLog, TrainingLog, flat_hparams, setup_logging
 from .run_io import (
@@ -56,6 +57,9 @@ def train(config: Config, output_dir: str | Path, resume: Optional[str] = None) 
         project_dir=str(output_dir / "logs"),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)])
     is_main, device = accelerator.is_main_process, accelerator.device
+    if cfg.train.mixed_precision == "fp16" and device.type != "cuda":
+        raise ConfigError(f"train.mixed_precision=fp16 needs a CUDA GPU (this run is on {device.type}, where it would "
+                          "silently train in fp32); use train.mixed_precision=bf16 or no")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed-size crops: pick the fastest convolution once
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.train.allow_tf32

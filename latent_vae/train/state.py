@@ -52,11 +52,12 @@ class TrainState:
     wrapped_autoencoder: nn.Module
     wrapped_discriminator: nn.Module
     unit_codes: bool = False  # regularizer.vq.l2_normalize: codes live on the unit sphere
+    frozen_codebook: bool = False  # model.trainable=decoder: the codebook is part of the frozen latent space
 
     def inference_model(self, use_ema: bool = True) -> Autoencoder:
         """What validation, previews and export use: the EMA weights if kept, as a stock model."""
         vae = self.ema.shadow if (self.ema is not None and use_ema) else self.autoencoder.vae
-        if is_vq(vae) and self.unit_codes:
+        if is_vq(vae) and self.unit_codes and not self.frozen_codebook:
             normalize_codebook_(vae.quantize.embedding)  # averaged/updated unit codes, back on the sphere
         return vae
 
@@ -148,7 +149,7 @@ def build_state(cfg: Config, vae: Autoencoder, accelerator) -> TrainState:
         autoencoder=accelerator.unwrap_model(wrapped_model), discriminator=accelerator.unwrap_model(wrapped_discriminator),
         loss=loss, opt_ae=opt_ae, opt_d=opt_d, sched_ae=sched_ae, sched_d=sched_d, scaler=scaler, ema=ema,
         wrapped_autoencoder=wrapped_model, wrapped_discriminator=wrapped_discriminator,
-        unit_codes=cfg.regularizer.vq.l2_normalize)
+        unit_codes=cfg.regularizer.vq.l2_normalize, frozen_codebook=cfg.model.trainable == "decoder")
 
 
 def load_perceptual(cfg: Config) -> Optional[PerceptualLoss]:

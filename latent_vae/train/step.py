@@ -78,8 +78,11 @@ def _backward(state: TrainState, images: torch.Tensor, seeds: List[int], step: i
     discriminator.requires_grad_(False)
     with accelerator.autocast():
         out = state.wrapped_autoencoder(images, seeds, step)
+        # fp16's loss scale as a device tensor (no host read), for the adaptive weight's own backward passes
+        grad_scale = scaler.scale(torch.ones((), device=images.device)) if scaler.is_enabled() else None
         g_loss, logs = state.loss.generator_loss(images, out.reconstructions, out.regularizer.loss, out.logvar, step,
-                                                 discriminator if gan_active else None, state.autoencoder.last_layer)
+                                                 discriminator if gan_active else None, state.autoencoder.last_layer,
+                                                 grad_scale)
     scaler.scale(g_loss / accumulation).backward()
     losses = [g_loss.detach()]
     # Discriminator step on the same reconstructions, detached: no gradient to the autoencoder.
