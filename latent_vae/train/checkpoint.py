@@ -3,15 +3,19 @@
 Layout: ``<run>/checkpoints/checkpoint-<step:08d>/`` holding safetensors weights, the
 optimiser/scheduler/scaler state (``torch.save`` of tensors and numbers only, read back with
 ``weights_only=True``), one RNG file per process, the config, and ``manifest.json`` written
-last. Everything is first written into a hidden temporary folder and renamed into place
+last, with each file's size and SHA-256. Everything is first written into a hidden temporary folder and renamed into place
 only when complete, so a process killed at any moment leaves either the previous
 checkpoints or a new complete one, never a half-written one that ``--resume`` would pick.
-Old checkpoints are pruned only after the new one is in place.
+Old checkpoints are pruned only after the new one is in place. On resume the content of every
+file is checked against the manifest: a checkpoint corrupted in place (same size, other bytes) is
+passed over for the newest one that verifies, with a warning naming the file.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import re
 import shutil
 import time
@@ -26,6 +30,7 @@ from ..runtime import atomic_write, fsync_path, replace_dir
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
+logger = logging.getLogger("latent_vae")
 _NAME = re.compile(r"^checkpoint-(\d{8})$")
 
 
@@ -70,6 +75,7 @@ def commit(root: Path, step: int, state: Dict[str, Dict[str, Any]], metadata: Di
     for name in files:
         fsync_path(stage / name)
     manifest = {"format": FORMAT_VERSION, "step": step, "complete": True, "files": files,
+                "sha256": {name: file_digest(stage / name) for name in files},
                 "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
     atomic_write(stage / MANIFEST, lambda tmp: tmp.write_text(json.dumps(manifest, indent=2)))
     # re-saving a step (e.g. after a resume) moves the old folder aside first
@@ -91,18 +97,43 @@ def prepare_staging(root: Path, step: int) -> Path:
     return stage
 
 
-def is_complete(path: Path) -> bool:
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _manifest(path: Path) -> Optional[Dict[str, Any]]:
     try:
         manifest = json.loads((path / MANIFEST).read_text())
     except (OSError, ValueError):
-        return False
-    if not manifest.get("complete"):
+        return None
+    return manifest if isinstance(manifest, dict) and manifest.get("complete") else None
+
+
+def is_complete(path: Path) -> bool:
+    """Every file the manifest lists is there with its size (cheap: for listing and pruning)."""
+    manifest = _manifest(path)
+    if manifest is None:
         return False
     for name, size in manifest.get("files", {}).items():
         file = path / name
         if not file.is_file() or file.stat().st_size != size:
             return False
     return True
+
+
+def verify(path: Path) -> Optional[str]:
+    """Why ``path`` cannot be resumed, or None: the manifest, every size and every SHA-256
+    (checkpoints written before hashes were recorded are checked by size)."""
+    if not is_complete(path):
+        return f"no valid {MANIFEST}, or a file is missing or has the wrong size"
+    for name, expected in _manifest(path).get("sha256", {}).items():
+        if file_digest(path / name) != expected:
+            return f"{name} does not match its SHA-256 in {MANIFEST} (corrupted on disk)"
+    return None
 
 
 def list_checkpoints(root: Path) -> List[Path]:
@@ -117,8 +148,14 @@ def find_checkpoint(run_dir: Path, resume: str) -> Optional[Path]:
     """``latest`` / ``auto`` (newest complete checkpoint of the run) or an explicit path."""
     if resume in ("latest", "auto"):
         found = list_checkpoints(run_dir / "checkpoints")
+        for candidate in reversed(found):
+            reason = verify(candidate)
+            if reason is None:
+                return candidate
+            logger.warning("checkpoint %s is passed over: %s; trying the one before it", candidate, reason)
         if found:
-            return found[-1]
+            raise CheckpointError(f"--resume {resume}: none of the {len(found)} checkpoints in "
+                                  f"{run_dir / 'checkpoints'} verifies (see the warnings above); start a new run")
         if resume == "auto":
             return None
         raise CheckpointError(
@@ -126,8 +163,9 @@ def find_checkpoint(run_dir: Path, resume: str) -> Optional[Path]:
             "(use --resume auto to start fresh when there is none)"
         )
     path = Path(resume)
-    if not is_complete(path):
-        raise CheckpointError(f"{resume} is not a complete checkpoint folder (no valid {MANIFEST})")
+    reason = verify(path)
+    if reason is not None:
+        raise CheckpointError(f"{resume} cannot be resumed: {reason}")
     return path
 
 
