@@ -36,6 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", metavar="latest|auto|PATH",
                         help="continue from the newest complete checkpoint of --output-dir (latest: error if "
                         "there is none; auto: start fresh if there is none) or from a checkpoint folder")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the run already in --output-dir (without it, a fresh run there is refused)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="dotted config overrides, e.g. data.path=/images train.batch_size=8")
 
@@ -55,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         overrides.insert(0, "reconstruction.perceptual_if_unavailable=disable")
     config = load_config(config_path, overrides)
     try:
-        summary = train(config, output_dir, resume=args.resume)
+        summary = train(config, output_dir, resume=args.resume, overwrite=args.overwrite)
     except TrainingError as err:
         print(f"latent-vae train: error: {err}")
         return 1

@@ -28,6 +28,7 @@ from .monitor import FailureLog, TrainingLog, flat_hparams, setup_logging
 from .run_io import (
     RunSummary,
     check_writable,
+    claim_run_dir,
     export_model,
     find_resume_checkpoint,
     log_preview,
@@ -47,7 +48,7 @@ from .trainable import build_trainable_vae
 logger = logging.getLogger("latent_vae")
 
 
-def train(config: Config, output_dir: str | Path, resume: Optional[str] = None) -> RunSummary:
+def train(config: Config, output_dir: str | Path, resume: Optional[str] = None, overwrite: bool = False) -> RunSummary:
     cfg, output_dir = config, Path(output_dir).resolve()
 
     # ---------------------------------------------------------------- accelerator and run directory
@@ -63,6 +64,7 @@ def train(config: Config, output_dir: str | Path, resume: Optional[str] = None) 
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed-size crops: pick the fastest convolution once
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.train.allow_tf32
+    run_lock = claim_run_dir(output_dir, resume, overwrite, accelerator)  # held until the process ends
     setup_logging(output_dir, is_main)
     torch.manual_seed(cfg.train.seed)  # same initial weights on every process
     checkpoint_path = find_resume_checkpoint(output_dir, resume, cfg)
@@ -159,4 +161,6 @@ def train(config: Config, output_dir: str | Path, resume: Optional[str] = None) 
                          val_metrics, initial_val_metrics, stopped_early, model_dir, log.step_seconds, drift)
     if is_main:
         write_summary(summary)
+    if run_lock is not None:
+        run_lock.close()  # the run folder is free for the next writer
     return summary

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import pickle
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +55,42 @@ def check_writable(output_dir: Path) -> None:
         probe.unlink()
     except OSError as err:
         raise TrainingError(f"output directory {output_dir} is not writable ({err.strerror}); choose another --output-dir") from None
+
+
+# What a run writes into its folder (besides the lock): a fresh run refuses a folder holding any of them.
+RUN_OUTPUTS = ("checkpoints", "model", "samples", "logs", "config.yaml", "summary.json", "train.log",
+               "skipped_inputs.txt")
+
+
+def claim_run_dir(output_dir: Path, resume: Optional[str], overwrite: bool, accelerator):
+    """One run, one writer: an exclusive lock on ``<run>/.lock`` for the whole run (the kernel drops it
+    when its holder dies, even by SIGKILL), and a fresh run never mixes with an earlier one. Every
+    process learns the outcome, so none waits in a collective for a rank that gave up."""
+    import fcntl
+
+    problem, lock = "", None
+    if accelerator.is_main_process:
+        lock = open(output_dir / ".lock", "a")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            problem = (f"another training process is writing to {output_dir} (it holds {output_dir / '.lock'}); "
+                       "wait for it to finish or choose another --output-dir")
+        existing = [name for name in RUN_OUTPUTS if (output_dir / name).exists()]
+        if not problem and existing and not resume:
+            if overwrite:
+                for name in existing:
+                    path = output_dir / name
+                    shutil.rmtree(path) if path.is_dir() else path.unlink()
+            else:
+                problem = (f"{output_dir} already holds a run ({', '.join(existing)}): continue it with --resume latest, "
+                           "replace it with --overwrite, or choose another --output-dir")
+    failed = all_reduce_sum_(torch.tensor(float(bool(problem)), device=accelerator.device)).item() > 0
+    if failed:
+        if lock is not None:
+            lock.close()
+        raise TrainingError(problem or f"the main process could not claim {output_dir}")
+    return lock
 
 
 def write_summary(summary: RunSummary) -> None:
