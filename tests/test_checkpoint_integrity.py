@@ -4,7 +4,7 @@ never resumed; the run falls back to the newest checkpoint that verifies and say
 import pytest
 from conftest import fast_config, reset_accelerate
 
-from latent_vae.errors import CheckpointError
+from latent_vae.errors import CheckpointError, TrainingError
 from latent_vae.train import checkpoint as ckpt
 from latent_vae.train.loop import train
 
@@ -46,3 +46,35 @@ def test_no_verifying_checkpoint_is_an_error_not_a_silent_fresh_start(run):
             ckpt.find_checkpoint(run, resume)
     with pytest.raises(CheckpointError, match="does not match its SHA-256"):
         ckpt.find_checkpoint(run, str(ckpt.list_checkpoints(run / "checkpoints")[-1]))
+
+
+def test_a_full_disk_reported_by_safetensors_ends_the_run_cleanly(tmp_path, monkeypatch):
+    """safetensors raises SafetensorError (not an OSError) on a full disk: it used to escape with a
+    traceback, leave .tmp-checkpoint-* behind and, with two processes, hang the other rank."""
+    from safetensors import SafetensorError
+
+    original = ckpt.save_tensors
+
+    def full_disk(tensors, path):
+        if "checkpoint-00000004" in str(path):
+            raise SafetensorError("Error while serializing: IoError(No space left on device (os error 28))")
+        return original(tensors, path)
+
+    monkeypatch.setattr(ckpt, "save_tensors", full_disk)
+    with pytest.raises(TrainingError, match=r"step 4 failed .*No space left.*checkpoint-00000002 is intact"):
+        train(fast_config("train.max_steps=6", "train.checkpoint_every=2"), tmp_path)
+    reset_accelerate()
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "checkpoints")] == ["checkpoint-00000002"]
+    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
+
+
+def test_leftover_temporaries_of_an_interrupted_write_are_cleaned_on_the_next_start(run):
+    for leftover in (run / "checkpoints" / ".tmp-checkpoint-00000006", run / ".model.tmp-4242",
+                     run / "checkpoints" / ".checkpoint-00000004.old-1"):
+        leftover.mkdir()
+        (leftover / "half.safetensors").write_bytes(b"torn")
+    train(fast_config("train.max_steps=6", "train.checkpoint_every=2", "train.keep_checkpoints=2"), run,
+          resume="latest")
+    hidden = [p.name for p in [*run.iterdir(), *(run / "checkpoints").iterdir()] if p.name.startswith(".")
+              and p.name != ".lock"]
+    assert hidden == []

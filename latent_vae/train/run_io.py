@@ -76,7 +76,12 @@ def claim_run_dir(output_dir: Path, resume: Optional[str], overwrite: bool, acce
         except OSError:
             problem = (f"another training process is writing to {output_dir} (it holds {output_dir / '.lock'}); "
                        "wait for it to finish or choose another --output-dir")
-        existing = [name for name in RUN_OUTPUTS if (output_dir / name).exists()]
+        # temporaries of an interrupted checkpoint or export: never complete, safe to drop under the lock
+        for leftover in [*(output_dir / "checkpoints").glob(".tmp-*"), *(output_dir / "checkpoints").glob(".*.old-*"),
+                         *output_dir.glob(".model.tmp-*"), *output_dir.glob(".model.old-*")]:
+            shutil.rmtree(leftover, ignore_errors=True)
+        existing = [name for name in RUN_OUTPUTS if (output_dir / name).is_file()
+                    or ((output_dir / name).is_dir() and any((output_dir / name).iterdir()))]
         if not problem and existing and not resume:
             if overwrite:
                 for name in existing:
@@ -175,10 +180,13 @@ def save_checkpoint(root: Path, state: TrainState, step: int, skipped_steps: int
 
 
 def _attempt(errors: List[str], function, *args):
-    """Call ``function``; an OSError (disk full, permissions...) is recorded instead of raised."""
+    """Call ``function``; a write failure (disk full, permissions...) is recorded instead of raised.
+    safetensors reports a full disk as ``SafetensorError``, which is not an OSError."""
+    from safetensors import SafetensorError
+
     try:
         return function(*args)
-    except OSError as err:
+    except (OSError, SafetensorError) as err:
         errors.append(f"{type(err).__name__}: {err}")
         return None
 
