@@ -74,7 +74,7 @@ def check_finite(name: str, value: float) -> None:
 
 def check_positive(name: str, value: float, allow_zero: bool = False) -> None:
     """A finite number > 0 (or >= 0): NaN and infinity are refused here, not by torch later."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or value < 0 or (value == 0 and not allow_zero):
+    check_finite(name, value)
+    if value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
         raise ConfigError(f"{name}={value!r} must be a finite number {bound}")

@@ -3,13 +3,14 @@ the field, before anything is built or allocated (each case hung or allocated 10
 
 import json
 import struct
-import time
 
 import pytest
 import torch
+from diffusers import AutoencoderKL, VQModel
 
 from latent_vae.config import ModelConfig
 from latent_vae.errors import InvalidModel
+from latent_vae.models import loading
 from latent_vae.models.loading import build_autoencoder, load_autoencoder
 
 
@@ -38,12 +39,16 @@ def edit_config(folder, **changes):
     ({"scaling_factor": float("nan")}, "scaling_factor"),
     ({"in_channels": "three"}, "in_channels"),
 ])
-def test_absurd_config_fields_are_named_before_anything_is_built(folder, changes, field):
+def test_absurd_config_fields_are_named_before_anything_is_built(folder, changes, field, monkeypatch):
+    def never(*args, **kwargs):
+        raise AssertionError("a model was built from an unchecked config")
+
+    monkeypatch.setattr(loading, "build_on_meta", never)
+    for cls in (AutoencoderKL, VQModel):
+        monkeypatch.setattr(cls, "from_pretrained", never)
     edit_config(folder, **changes)
-    start = time.monotonic()
     with pytest.raises(InvalidModel, match=field):
         load_autoencoder(str(folder))
-    assert time.monotonic() - start < 5
 
 
 def test_a_config_that_does_not_fit_the_weights_names_the_tensor(folder):

@@ -83,8 +83,9 @@ def commit(root: Path, step: int, state: Dict[str, Dict[str, Any]], metadata: Di
 
 
 def discard_staging(root: Path) -> None:
-    """Remove half-written checkpoints (a killed or failed write); complete ones are untouched."""
-    for leftover in root.glob(".tmp-*"):
+    """Remove half-written checkpoints and folders an interrupted re-save moved aside (a killed or
+    failed write); complete ones are untouched."""
+    for leftover in [*root.glob(".tmp-*"), *root.glob(".*.old-*")]:
         shutil.rmtree(leftover, ignore_errors=True)
 
 

@@ -77,8 +77,8 @@ def claim_run_dir(output_dir: Path, resume: Optional[str], overwrite: bool, acce
             problem = (f"another training process is writing to {output_dir} (it holds {output_dir / '.lock'}); "
                        "wait for it to finish or choose another --output-dir")
         # temporaries of an interrupted checkpoint or export: never complete, safe to drop under the lock
-        for leftover in [*(output_dir / "checkpoints").glob(".tmp-*"), *(output_dir / "checkpoints").glob(".*.old-*"),
-                         *output_dir.glob(".model.tmp-*"), *output_dir.glob(".model.old-*")]:
+        ckpt.discard_staging(output_dir / "checkpoints")
+        for leftover in [*output_dir.glob(".model.tmp-*"), *output_dir.glob(".model.old-*")]:
             shutil.rmtree(leftover, ignore_errors=True)
         existing = [name for name in RUN_OUTPUTS if (output_dir / name).is_file()
                     or ((output_dir / name).is_dir() and any((output_dir / name).iterdir()))]
