@@ -19,6 +19,11 @@ encoder outputs all-gathered in rank order, random choices seeded by step):
 - dead-code restart: a code unused for ``regularizer.vq.dead_after`` forward passes is re-initialised
   from a random recent encoder output (``regularizer.vq.restart_dead``);
 - usage, perplexity and dead-code counts in the logs.
+
+All of this state is changed inside the forward pass; the trainer keeps it only when the step is
+accepted (``train/rollback.py`` restores it, counters included, after a bad step). So nothing here
+depends on a host-side count of forward passes: the random draws are seeded by the step and the
+forward pass's index within it, the ring buffer's position is computed on the device.
 """
 
 from __future__ import annotations
@@ -82,11 +87,7 @@ class VectorQuantizerTrainer(nn.Module):
         if cfg.restart_dead:
             self.register_buffer("recent", torch.zeros(cfg.restart_buffer, dim))
             self.register_buffer("recent_filled", torch.zeros((), dtype=torch.long))
-        self._forwards = None  # host copy of num_forwards (it seeds the restart draws): read once, not every step
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
-        self._forwards = None
+        self._step, self._micro = None, 0  # the training step, and this forward pass's index within it (accumulation)
 
     def forward(self, h: torch.Tensor, step: int) -> RegularizerOutput:
         batch, dim, height, width = h.shape
@@ -133,7 +134,8 @@ class VectorQuantizerTrainer(nn.Module):
             self._ema_update(counts, all_reduce_sum_(sums))
         self.steps_unused.add_(1).masked_fill_(counts > 0, 0)
         self.num_forwards += 1
-        self._forwards = int(self.num_forwards) if self._forwards is None else self._forwards + 1
+        self._micro = self._micro + 1 if step == self._step else 0
+        self._step = step
         restarted = torch.zeros((), device=z.device)
         if self.cfg.restart_dead:
             everyone = all_gather_cat(z)  # the global batch, in rank order
@@ -154,14 +156,14 @@ class VectorQuantizerTrainer(nn.Module):
     def _generator(self, step: int, stream: int) -> torch.Generator:
         from ..seeding import derive_seed
 
-        return torch.Generator().manual_seed(derive_seed(self.seed, 2, stream, step, self._forwards))
+        return torch.Generator().manual_seed(derive_seed(self.seed, 2, stream, step, self._micro))
 
     def _remember(self, z: torch.Tensor, step: int) -> None:
         """Keep a ring buffer of recent encoder outputs (a random subset of each global batch)."""
         capacity = self.recent.shape[0]
         take = min(len(z), max(1, capacity // 8))
         rows = _to_device(torch.randperm(len(z), generator=self._generator(step, 0))[:take], z.device)
-        start = (self._forwards - 1) * take % capacity  # the forwards before this one filled [0, start)
+        start = (self.num_forwards - 1) * take  # the accepted forwards before this one filled [0, start)
         slots = (torch.arange(take, device=z.device) + start) % capacity
         self.recent[slots] = z[rows]
         self.recent_filled.copy_(torch.clamp(self.recent_filled + take, max=capacity))

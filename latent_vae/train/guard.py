@@ -1,14 +1,16 @@
 """One verdict per training step, agreed by all processes: skip it, and stop after it.
 
-A step is *bad* when any process sees a non-finite loss or gradient norm; then neither
-optimiser nor the EMA moves, on every process. A *stop* is requested when any process got
-SIGTERM/SIGINT or passed ``train.time_limit_minutes``. Both flags travel in one all-reduce.
+A step is *bad* when any process sees a non-finite loss or gradient norm, or non-finite state
+after the update (weights, optimiser state, forward-pass state); then everything the step changed
+is rolled back on every process (``rollback.py``) and the EMA does not move. A *stop* is requested
+when any process got SIGTERM/SIGINT or passed ``train.time_limit_minutes``. Both flags travel in
+one all-reduce.
 
-When the host learns the verdict: fused Adam skips a bad step by itself on the device
-(``found_inf``), so with it the host reads the flags only at logging, checkpoint and final
-steps, and the step runs without a host-device synchronisation; otherwise (other optimisers,
-fp16's gradient scaler) the host reads them every step and skips the update itself. The skip
-counters are therefore kept on the device and copied to the host only when it reads.
+The verdict is applied on the device, so the host need not wait for it. With fused Adam (and
+bf16/fp32) the host reads the flags only at logging, checkpoint and final steps, and the step runs
+without a host-device synchronisation; otherwise (foreach Adam keeps its step counts on the host,
+fp16's gradient scaler reads its own flag) the host reads them every step. The skip counters are
+therefore kept on the device and copied to the host only when it reads.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ from __future__ import annotations
 import logging
 import signal
 import time
-from dataclasses import dataclass
 from typing import List, Optional
 
 import torch
@@ -54,20 +55,11 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
-@dataclass
-class Verdict:
-    """``bad``: 1.0 on the device when the step is skipped. ``skip``: the same on the host, or
-    None when the host did not wait for it (fused Adam decides on the device)."""
-
-    bad: torch.Tensor
-    skip: Optional[bool]
-
-
 class StepGuard:
     def __init__(self, cfg: Config, scaler: torch.amp.GradScaler, skipped_steps: int, device: torch.device,
                  stop: StopRequest):
         self.cfg, self.stop = cfg, stop
-        self.decides_on_device = cfg.train.fused_optimizer and not scaler.is_enabled()
+        self.sync_free = cfg.train.fused_optimizer and not scaler.is_enabled()
         self.skipped_on_device = torch.full((), float(skipped_steps), device=device)
         self.consecutive_on_device = torch.zeros((), device=device)
         # What the host last read (see host_reads); a resumed run starts from the checkpoint's count.
@@ -75,35 +67,34 @@ class StepGuard:
         self.reported_skipped = skipped_steps
 
     def host_reads(self, step: int) -> bool:
-        """Whether the host waits for the verdict of ``step`` (0-based): every step unless fused Adam
-        decides on the device, else before logging, checkpoint and final steps."""
+        """Whether the host waits for the verdict of ``step`` (0-based): every step unless the step is
+        otherwise free of host synchronisation (fused Adam), else before logging, checkpoint and final steps."""
         upcoming, cfg = step + 1, self.cfg
-        return (not self.decides_on_device or upcoming % cfg.logging.log_every == 0
+        return (not self.sync_free or upcoming % cfg.logging.log_every == 0
                 or upcoming == cfg.train.max_steps or upcoming % cfg.train.checkpoint_every == 0)
 
-    def check(self, values: List[torch.Tensor], step: int) -> Verdict:
-        """The verdict of ``step`` from this process's losses and gradient norms (scalars)."""
+    def check(self, values: List[torch.Tensor], state_finite: torch.Tensor, step: int) -> torch.Tensor:
+        """The verdict of ``step`` from this process's losses and gradient norms (scalars) and whether
+        its state after the update is finite (1.0/0.0): 1.0 on the device when the step is bad."""
         checked = torch.stack([v.float() for v in values])
         device = self.skipped_on_device.device
-        flags = all_reduce_sum_(torch.stack([(~checked.isfinite().all()).float(),
-                                             torch.full((), float(self.stop.local_flag()), device=device)]))
+        local_bad = torch.maximum((~checked.isfinite().all()).float(), 1 - state_finite.float())
+        flags = all_reduce_sum_(torch.stack([local_bad, torch.full((), float(self.stop.local_flag()), device=device)]))
         bad = (flags[0] > 0).float()
         self.skipped_on_device += bad
         self.consecutive_on_device = (self.consecutive_on_device + 1) * bad
-        skip = None
         if self.host_reads(step):
-            status = torch.stack([bad, (flags[1] > 0).float(), self.skipped_on_device,
-                                  self.consecutive_on_device]).tolist()
-            self.stop_requested, self.skipped_steps, self.consecutive_bad = bool(status[1]), int(status[2]), int(status[3])
-            if not self.decides_on_device:
-                skip = bool(status[0])
-        return Verdict(bad, skip)
+            stop, skipped, consecutive = torch.stack([(flags[1] > 0).float(), self.skipped_on_device,
+                                                      self.consecutive_on_device]).tolist()
+            self.stop_requested, self.skipped_steps, self.consecutive_bad = bool(stop), int(skipped), int(consecutive)
+        return bad
 
     def log_skipped(self, step: int) -> None:
         """After ``step`` steps: warn about the bad steps the host learned of since its last warning."""
         if self.skipped_steps > self.reported_skipped:
-            logger.warning("step %d: non-finite loss or gradient; %d step(s) skipped since the last report, for "
-                           "both optimisers and the EMA (%d consecutive now, %d in total)", step - 1,
+            logger.warning("step %d: non-finite loss, gradient or update; %d step(s) skipped since the last report "
+                           "and rolled back: weights, optimiser and regulariser state, EMA (%d consecutive now, "
+                           "%d in total)", step - 1,
                            self.skipped_steps - self.reported_skipped, self.consecutive_bad, self.skipped_steps)
             self.reported_skipped = self.skipped_steps
 

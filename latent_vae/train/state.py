@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
 
 import torch
 from torch import nn
 
 from ..config import Config
-from ..errors import PerceptualWeightsUnavailable
+from ..errors import ConfigError, PerceptualWeightsUnavailable
 from ..losses import build_regularizer
 from ..losses.autoencoder_loss import AutoencoderLoss
 from ..losses.discriminator import PatchDiscriminator
@@ -27,6 +27,7 @@ from ..losses.vq import normalize_codebook_
 from ..models.stock import Autoencoder, count_parameters, is_vq
 from ..runtime import compile_modules
 from .ema import EMA
+from .rollback import StepSnapshot
 from .trainable import TrainableAutoencoder
 
 logger = logging.getLogger("latent_vae")
@@ -53,6 +54,7 @@ class TrainState:
     wrapped_discriminator: nn.Module
     unit_codes: bool = False  # regularizer.vq.l2_normalize: codes live on the unit sphere
     frozen_codebook: bool = False  # model.trainable=decoder: the codebook is part of the frozen latent space
+    snapshot: StepSnapshot = field(default_factory=StepSnapshot)  # what a bad step is rolled back to
 
     def inference_model(self, use_ema: bool = True) -> Autoencoder:
         """What validation, previews and export use: the EMA weights if kept, as a stock model."""
@@ -60,6 +62,20 @@ class TrainState:
         if is_vq(vae) and self.unit_codes and not self.frozen_codebook:
             normalize_codebook_(vae.quantize.embedding)  # averaged/updated unit codes, back on the sphere
         return vae
+
+    def step_tensors(self) -> List[torch.Tensor]:
+        """Every tensor a training step may change before its verdict: both optimisers' parameters and
+        state, the buffers of the trained modules and of the loss (VQ codebook statistics, usage
+        counters and restart buffer, batch-norm statistics, LeCam anchors: forward passes update
+        them), and the VQ codebook, which EMA updates and restarts write outside the optimiser."""
+        tensors = [t for opt in (self.opt_ae, self.opt_d) for group in opt.param_groups for p in group["params"]
+                   for t in (p, *(v for v in opt.state.get(p, {}).values() if torch.is_tensor(v)))]
+        tensors += [*self.autoencoder.buffers(), *self.discriminator.buffers()]
+        tensors += [b for name, b in self.loss.named_buffers() if not name.startswith("perceptual.")]
+        if is_vq(self.autoencoder.vae):
+            tensors.append(self.autoencoder.vae.quantize.embedding.weight)
+        unique = {id(t): t for t in tensors}  # a trained codebook is also an optimiser parameter
+        return list(unique.values())
 
     def state_dict(self) -> Dict[str, Dict[str, Any]]:
         """``weights``: name -> tensors (one safetensors file each); ``training_state``: the
@@ -130,6 +146,7 @@ def build_state(cfg: Config, vae: Autoencoder, accelerator) -> TrainState:
                 f"{count_parameters(discriminator):,}")
 
     lr = effective_learning_rate(cfg, accelerator.num_processes)
+    _check_step_size(lr * max(1.0, cfg.train.disc_lr_ratio), cfg.train.adam_betas[0])
     betas = tuple(cfg.train.adam_betas)
     fused = True if cfg.train.fused_optimizer else None  # None: torch's default (foreach where supported)
     opt_ae = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr, betas=betas,
@@ -179,6 +196,14 @@ def effective_learning_rate(cfg: Config, num_processes: int) -> float:
     if cfg.train.lr_scaling == "none":
         return cfg.train.learning_rate
     return cfg.train.learning_rate * num_processes * cfg.train.batch_size * cfg.train.grad_accum_steps
+
+
+def _check_step_size(lr: float, beta1: float) -> None:
+    """Adam's largest step size, lr / (1 − β₁) at its first step, must be a float32 number: beyond,
+    torch fails mid-step with an overflow traceback (foreach Adam) or computes inf (fused)."""
+    if lr / (1 - beta1) > torch.finfo(torch.float32).max:
+        raise ConfigError(f"the learning rate {lr:.3g} (train.learning_rate scaled by train.lr_scaling and "
+                          f"train.disc_lr_ratio) gives Adam steps beyond float32's range; lower train.learning_rate")
 
 
 def lr_lambda(cfg: Config):

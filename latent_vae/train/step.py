@@ -2,9 +2,10 @@
 
 For every micro-batch: the G step (the autoencoder's loss back-propagated with D frozen), then
 the D step on the *same* reconstructions, detached. After the last micro-batch: unscale, gradient
-norms, the processes' shared verdict (``guard.py``), clipping, both optimiser steps, the EMA
-update, zero_grad. Gradients of the micro-batches accumulate; DDP all-reduces them once, with
-the last.
+norms, clipping, both optimiser steps, the processes' shared verdict (``guard.py``) on the losses,
+gradient norms and updated state, the rollback of a bad step (``rollback.py``: everything the
+step changed, forward-pass state included, returns to what was saved before it), the EMA update,
+zero_grad. Gradients of the micro-batches accumulate; DDP all-reduces them once, with the last.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 
 from ..config import Config
-from .guard import StepGuard, Verdict
+from .guard import StepGuard
 from .monitor import MetricWindow
 from .state import TrainState
 
@@ -34,6 +35,7 @@ def train_step(state: TrainState, batches: List[Dict[str, Any]], step: int, guar
     """Step ``step`` (0-based) over ``batches``, accumulated. The logged values of every micro-batch
     go to ``metrics`` before the update (some are views of parameters the update changes)."""
     gan_active = state.loss.gan_active(step)
+    state.snapshot.save(state.step_tensors())  # before the forward passes: they update state too
     losses: List[torch.Tensor] = []
     for micro, batch in enumerate(batches):
         images = batch["pixel_values"].to(accelerator.device, non_blocking=True)
@@ -51,19 +53,22 @@ def train_step(state: TrainState, batches: List[Dict[str, Any]], step: int, guar
     ae_params, d_params = _params(state.opt_ae), _params(state.opt_d)
     ae_norm = _grad_norm(ae_params)
     d_norm = _grad_norm(d_params) if gan_active else torch.zeros((), device=accelerator.device)
-    # One decision for both optimisers and the EMA, shared by all processes.
-    verdict = guard.check([*losses, ae_norm, d_norm], step)
     if cfg.train.max_grad_norm:
         torch.nn.utils.clip_grads_with_norm_(ae_params, cfg.train.max_grad_norm, ae_norm)
         if gan_active:
             torch.nn.utils.clip_grads_with_norm_(d_params, cfg.train.max_grad_norm, d_norm)
-    _optimizer_step(state.opt_ae, state.scaler, verdict)
+    state.scaler.step(state.opt_ae)  # fp16: skipped here on non-finite gradients; the rollback covers the rest
     state.sched_ae.step()  # the schedules follow the step counter, skipped steps included
     if gan_active:  # the discriminator's schedule counts its own steps from gan.start
-        _optimizer_step(state.opt_d, state.scaler, verdict)
+        state.scaler.step(state.opt_d)
         state.sched_d.step()
+    # One decision for the whole step, shared by all processes: the losses and gradient norms, and the
+    # state after the update (finite losses and gradients can still give a non-finite update).
+    changed = state.step_tensors()
+    bad = guard.check([*losses, ae_norm, d_norm], state.snapshot.all_finite(changed, accelerator.device), step)
+    state.snapshot.restore(changed, bad)
     if state.ema is not None:
-        state.ema.update(state.autoencoder.vae, skip=verdict.bad)
+        state.ema.update(state.autoencoder.vae, skip=bad)
     state.scaler.update()
     state.opt_ae.zero_grad(set_to_none=True)
     state.opt_d.zero_grad(set_to_none=True)
@@ -106,17 +111,6 @@ def _no_sync(accelerator, models: List[nn.Module], sync: bool):
         for m in models:
             stack.enter_context(accelerator.no_sync(m))
     return stack
-
-
-def _optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, verdict: Verdict) -> None:
-    """Step unless the step is bad: on the device (fused Adam's ``found_inf``: the update, and its
-    step count, are skipped by the kernel) when the host did not read the verdict, else on the host."""
-    if verdict.skip is None:
-        optimizer.found_inf = verdict.bad
-        optimizer.step()
-        del optimizer.found_inf
-    elif not verdict.skip:
-        scaler.step(optimizer)
 
 
 def _params(optimizer: torch.optim.Optimizer) -> List[torch.Tensor]:
