@@ -219,6 +219,8 @@ class TrainConfig:
             check_positive(f"train.{name}", getattr(self, name))
         for name in ("disc_lr_ratio", "weight_decay", "lr_warmup_steps", "seed"):
             check_positive(f"train.{name}", getattr(self, name), allow_zero=True)
+        if self.seed >= 2**63:  # torch.manual_seed's range (beyond: an overflow traceback)
+            raise ConfigError(f"train.seed={self.seed} must be below 2**63")
         if len(self.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in self.adam_betas):
             raise ConfigError(f"train.adam_betas={self.adam_betas} must be two numbers in [0, 1)")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:

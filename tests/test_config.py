@@ -68,7 +68,8 @@ def test_yaml_is_loaded_safely(tmp_path):
 
 @pytest.mark.parametrize("override", [
     "train.learning_rate=.inf", "train.learning_rate=.nan", "train.learning_rate=-1e-4", "train.weight_decay=-0.1",
-    "train.weight_decay=.nan", "train.disc_lr_ratio=-1", "train.seed=-3", "train.max_grad_norm=.inf",
+    "train.weight_decay=.nan", "train.disc_lr_ratio=-1", "train.seed=-3", "train.seed=9223372036854775808",
+    "train.max_grad_norm=.inf",
     "train.adam_betas=[.nan, 0.9]", "train.ema_decay=.nan", "train.time_limit_minutes=-5",
     "export.scaling_factor=.inf", "export.scaling_factor=0", "reconstruction.pixel_weight=.nan",
     "reconstruction.logvar_init=.inf", "gan.weight=-0.5", "gan.adaptive_weight_max=0", "gan.lecam_decay=1.5",
