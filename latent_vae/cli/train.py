@@ -38,6 +38,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "there is none; auto: start fresh if there is none) or from a checkpoint folder")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the run already in --output-dir (without it, a fresh run there is refused)")
+    parser.add_argument("--accept-changed-batch", action="store_true",
+                        help="resume although the global batch (train.batch_size × train.grad_accum_steps × "
+                        "processes) differs from the checkpoint's: the sample stream, and under "
+                        "lr_scaling=linear the learning rate, change")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="dotted config overrides, e.g. data.path=/images train.batch_size=8")
 
@@ -57,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
         overrides.insert(0, "reconstruction.perceptual_if_unavailable=disable")
     config = load_config(config_path, overrides)
     try:
-        summary = train(config, output_dir, resume=args.resume, overwrite=args.overwrite)
+        summary = train(config, output_dir, resume=args.resume, overwrite=args.overwrite,
+                        accept_changed_batch=args.accept_changed_batch)
     except TrainingError as err:
         print(f"latent-vae train: error: {err}")
         return 1

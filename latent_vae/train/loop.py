@@ -48,7 +48,10 @@ from .trainable import build_trainable_vae
 logger = logging.getLogger("latent_vae")
 
 
-def train(config: Config, output_dir: str | Path, resume: Optional[str] = None, overwrite: bool = False) -> RunSummary:
+def train(config: Config, output_dir: str | Path, resume: Optional[str] = None, overwrite: bool = False,
+          accept_changed_batch: bool = False) -> RunSummary:
+    """``accept_changed_batch``: resume even when the batch layout changes the sample stream or the
+    learning rate (``--accept-changed-batch``)."""
     cfg, output_dir = config, Path(output_dir).resolve()
 
     # ---------------------------------------------------------------- accelerator and run directory
@@ -67,7 +70,7 @@ def train(config: Config, output_dir: str | Path, resume: Optional[str] = None, 
     run_lock = claim_run_dir(output_dir, resume, overwrite, accelerator)  # held until the process ends
     setup_logging(output_dir, is_main)
     torch.manual_seed(cfg.train.seed)  # same initial weights on every process
-    checkpoint_path = find_resume_checkpoint(output_dir, resume, cfg)
+    checkpoint_path = find_resume_checkpoint(output_dir, resume, cfg, accelerator.num_processes, accept_changed_batch)
 
     # ---------------------------------------------------------------- data
     train_source, val_source, failures = split_train_val(cfg.data)

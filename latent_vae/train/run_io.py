@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import pickle
 import shutil
 import time
@@ -27,7 +28,7 @@ from ..evaluate.metrics import psnr_per_image, ssim_per_image
 from ..interop.export import compute_scaling_factor, save_diffusers_model, write_model_card
 from ..models.stock import Autoencoder, reconstruct
 from . import checkpoint as ckpt
-from .state import TrainState
+from .state import TrainState, effective_learning_rate
 
 logger = logging.getLogger("latent_vae")
 
@@ -112,18 +113,50 @@ def write_summary(summary: RunSummary) -> None:
 # --------------------------------------------------------------------------- checkpoints
 
 
-def find_resume_checkpoint(output_dir: Path, resume: Optional[str], cfg: Config) -> Optional[Path]:
-    """The checkpoint ``--resume`` names, if any; only a run with the same architecture resumes it."""
+def find_resume_checkpoint(output_dir: Path, resume: Optional[str], cfg: Config, num_processes: int,
+                           accept_changed_batch: bool = False) -> Optional[Path]:
+    """The checkpoint ``--resume`` names, if any; only a run with the same architecture resumes it,
+    and one with another batch layout only when the user accepted what that changes."""
     path = ckpt.find_checkpoint(output_dir, resume) if resume else None
     if path is None:
         return None
-    saved, current = ckpt.load_metadata(path)["config"], config_to_dict(cfg)
+    metadata, current = ckpt.load_metadata(path), config_to_dict(cfg)
+    saved = metadata["config"]
     keys = ("preset", "pretrained", "subfolder", "config", "trainable")
     diffs = [f"model.{k}: checkpoint {saved['model'].get(k)!r} vs now {current['model'][k]!r}"
              for k in keys if saved["model"].get(k) != current["model"][k]]
     if diffs:
         raise CheckpointError(f"checkpoint {path} was written by an incompatible config: " + "; ".join(diffs))
+    change = _batch_change(metadata, cfg, num_processes)
+    if change and not accept_changed_batch:
+        raise CheckpointError(f"checkpoint {path} was written with {change}; confirm with --accept-changed-batch, "
+                              "or keep the global batch (train.batch_size × train.grad_accum_steps × processes)")
+    if change:
+        logger.warning("resuming with a changed batch layout (accepted): %s", change)
     return path
+
+
+def _batch_change(metadata: Dict[str, Any], cfg: Config, num_processes: int) -> str:
+    """What resuming a run with another global batch (batch size × accumulation × processes) changes,
+    or ''. The sample stream resumes at step × global batch, so another global batch repeats or
+    skips samples; under ``train.lr_scaling=linear`` the learning rate follows the global batch."""
+    saved, step = metadata["config"]["train"], int(metadata["step"])
+    before = (saved.get("batch_size", 1), saved.get("grad_accum_steps", 1), int(metadata.get("num_processes", 1)))
+    now = (cfg.train.batch_size, cfg.train.grad_accum_steps, num_processes)
+    if math.prod(before) == math.prod(now):
+        return ""
+    consumed, start = step * math.prod(before), step * math.prod(now)
+    text = (f"a global batch of {math.prod(before)} (batch {before[0]} × accumulation {before[1]} × {before[2]} "
+            f"processes), this run has {math.prod(now)} ({now[0]} × {now[1]} × {now[2]}): the sample stream would "
+            f"continue at sample {start}, not {consumed} ({abs(start - consumed)} samples "
+            f"{'skipped' if start > consumed else 'repeated'})")
+    lr_before = saved.get("learning_rate", cfg.train.learning_rate)
+    if saved.get("lr_scaling", cfg.train.lr_scaling) == "linear":
+        lr_before *= math.prod(before)
+    lr_now = effective_learning_rate(cfg, num_processes)
+    if lr_before != lr_now:
+        text += f", and the learning rate changes from {lr_before:.3g} to {lr_now:.3g} (train.lr_scaling=linear)"
+    return text
 
 
 def restore_checkpoint(path: Path, state: TrainState, accelerator) -> Tuple[int, int]:
