@@ -72,8 +72,8 @@ def test_quickstart_command_trains_and_exports(tmp_path, capsys):
     assert main(["train", "--output-dir", str(tmp_path), *FAST, "train.max_steps=3"]) == 0
     assert "model in" in capsys.readouterr().out
     assert (tmp_path / "model" / "config.json").is_file()
-    # The no-config quickstart runs offline: it records that LPIPS is disabled when weights are missing.
-    assert "perceptual_if_unavailable: disable" in (tmp_path / "config.yaml").read_text()
+    # Overrides make it a configured run, not the bare quickstart: missing LPIPS weights would stop it.
+    assert "perceptual_if_unavailable: error" in (tmp_path / "config.yaml").read_text()
 
 
 def test_resume_without_config_uses_the_run_config(tmp_path, capsys):

@@ -24,3 +24,58 @@ def test_a_resume_with_another_global_batch_needs_confirmation(tmp_path, capsys)
                  "train.batch_size=4", "train.grad_accum_steps=1"]) == 0
     assert "done: 4 steps" in capsys.readouterr().out
     assert "resuming with a changed batch layout (accepted)" in (tmp_path / "run" / "train.log").read_text()
+
+
+def offline_lpips(monkeypatch, tmp_path):
+    """No LPIPS backbone weights anywhere: an empty torch hub cache and no network."""
+    import urllib.error
+
+    import torch
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+
+
+def test_only_the_bare_quickstart_may_train_without_lpips(tmp_path, monkeypatch, capsys):
+    from latent_vae.train import loop
+
+    policies = []
+
+    def record(config, *args, **kwargs):
+        policies.append(config.reconstruction.perceptual_if_unavailable)
+        raise KeyboardInterrupt  # the decision is made; nothing to train
+
+    monkeypatch.setattr(loop, "train", record)
+    for arguments in ([], ["data.resolution=64"], ["--config", "kl-f8"]):
+        assert main(["train", "--output-dir", str(tmp_path / "run"), *arguments]) == 130
+    assert policies == ["disable", "error", "error"]
+
+
+def test_a_configured_run_without_lpips_weights_stops_before_its_first_step_and_leaves_no_folder(
+        tmp_path, monkeypatch, capsys):
+    offline_lpips(monkeypatch, tmp_path)
+    run = tmp_path / "run"
+    assert main(["train", "--output-dir", str(run), *FAST, "reconstruction.perceptual_weight=1.0"]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and "reconstruction.perceptual_weights=" in errors[0] and "Traceback" not in err
+    assert not run.exists()  # the start made the folder, and took it back
+    # a folder the user made keeps exactly what it held
+    run.mkdir()
+    (run / "notes.txt").write_text("mine")
+    assert main(["train", "--output-dir", str(run), *FAST, "reconstruction.perceptual_weight=1.0"]) == 2
+    assert sorted(p.name for p in run.iterdir()) == ["notes.txt"]
+
+
+def test_a_tracker_that_is_not_installed_is_an_error_naming_the_install(tmp_path, monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb fails, whether or not it is installed
+    run = tmp_path / "run"
+    assert main(["train", "--output-dir", str(run), *FAST, "logging.trackers=[tensorboard,wandb]"]) == 2
+    err = capsys.readouterr().err
+    assert "logging.trackers includes wandb, which is not installed: pip install wandb" in err
+    assert len(err.strip().splitlines()) == 1 and not run.exists()

@@ -56,8 +56,9 @@ def run(args: argparse.Namespace) -> int:
     if config_path is None and args.resume and (output_dir / "config.yaml").is_file():
         config_path = output_dir / "config.yaml"
     overrides = list(args.overrides)
-    if config_path is None:
-        # The no-config quickstart must run offline: without LPIPS weights it trains (and logs) without them.
+    if config_path is None and not overrides:
+        # Only the bare quickstart must run offline as it is: without LPIPS weights it trains (and logs)
+        # without them. Any run the user configured stops before its first step, naming the fix.
         overrides.insert(0, "reconstruction.perceptual_if_unavailable=disable")
     config = load_config(config_path, overrides)
     try:

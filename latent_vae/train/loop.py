@@ -24,8 +24,9 @@ from ..data.sources import split_train_val
 from ..distributed import make_accelerator
 from ..errors import ConfigError
 from .guard import StepGuard, StopRequest
-from .monitor import FailureLog, TrainingLog, flat_hparams, setup_logging
+from .monitor import FailureLog, TrainingLog, check_trackers, flat_hparams, setup_logging
 from .run_io import (
+    RunStart,
     RunSummary,
     check_writable,
     claim_run_dir,
@@ -50,12 +51,23 @@ logger = logging.getLogger("latent_vae")
 
 def train(config: Config, output_dir: str | Path, resume: Optional[str] = None, overwrite: bool = False,
           accept_changed_batch: bool = False) -> RunSummary:
-    """``accept_changed_batch``: resume even when the batch layout changes the sample stream or the
-    learning rate (``--accept-changed-batch``)."""
-    cfg, output_dir = config, Path(output_dir).resolve()
+    """``accept_changed_batch``: resume even when the global batch changes the sample stream or the
+    learning rate (``--accept-changed-batch``). A start that fails before its first step takes back
+    what it added to the run folder (``RunStart``)."""
+    start = RunStart(Path(output_dir).resolve())
+    try:
+        return _train(config, start, resume, overwrite, accept_changed_batch)
+    except BaseException:
+        start.undo()
+        raise
+
+
+def _train(cfg: Config, start: RunStart, resume: Optional[str], overwrite: bool,
+           accept_changed_batch: bool) -> RunSummary:
+    output_dir = start.output_dir
 
     # ---------------------------------------------------------------- accelerator and run directory
-    check_writable(output_dir)
+    check_trackers(cfg.logging.trackers)
     accelerator = make_accelerator(
         mixed_precision=cfg.train.mixed_precision, log_with=cfg.logging.trackers or None,
         project_dir=str(output_dir / "logs"),
@@ -67,7 +79,9 @@ def train(config: Config, output_dir: str | Path, resume: Optional[str] = None, 
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed-size crops: pick the fastest convolution once
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.train.allow_tf32
+    check_writable(output_dir)
     run_lock = claim_run_dir(output_dir, resume, overwrite, accelerator)  # held until the process ends
+    start.claimed(is_main)
     setup_logging(output_dir, is_main)
     torch.manual_seed(cfg.train.seed)  # same initial weights on every process
     checkpoint_path = find_resume_checkpoint(output_dir, resume, cfg, accelerator.num_processes, accept_changed_batch)
@@ -112,6 +126,7 @@ def train(config: Config, output_dir: str | Path, resume: Optional[str] = None, 
     val_metrics: Dict[str, float] = {}
     last_saved = step if checkpoint_path is not None else -1
     start_time, start_step, stopped_early = time.time(), step, False
+    start.training()  # from here on the folder holds a run, whatever happens
     try:
         while step < cfg.train.max_steps:
             batches = [next(data) for _ in range(accum)]

@@ -14,9 +14,26 @@ from tqdm.auto import tqdm
 from ..config import Config
 from ..data.sources import Failure
 from ..distributed import all_reduce_sum_, world_size
+from ..errors import ConfigError
 from ..losses.kl import ACTIVE_UNIT_THRESHOLD
 
 logger = logging.getLogger("latent_vae")
+
+
+# Each tracker's Python package and pip name (Accelerate drops a tracker whose package is missing, with a warning).
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
+
+
+def check_trackers(trackers: List[str]) -> None:
+    """Every tracker in ``logging.trackers`` can be imported: a missing one is an error naming the install."""
+    import importlib
+
+    for tracker in trackers:
+        try:
+            importlib.import_module(TRACKER_PACKAGES[tracker])
+        except ImportError:
+            raise ConfigError(f"logging.trackers includes {tracker}, which is not installed: pip install "
+                              f"{TRACKER_PACKAGES[tracker]} (or leave it out of logging.trackers)") from None
 
 
 def setup_logging(output_dir: Path, is_main: bool) -> None:

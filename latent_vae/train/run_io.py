@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import pickle
 import shutil
 import time
@@ -97,6 +98,39 @@ def claim_run_dir(output_dir: Path, resume: Optional[str], overwrite: bool, acce
             lock.close()
         raise TrainingError(problem or f"the main process could not claim {output_dir}")
     return lock
+
+
+class RunStart:
+    """What starting a run adds to its folder, taken back when the start fails before the first step:
+    the folder itself if this start made it, else the entries it added (a failed resume keeps the
+    run it meant to resume). Only once this process holds the folder's lock, and only the main
+    process: before that the folder may be another trainer's."""
+
+    def __init__(self, output_dir: Path):
+        self.output_dir = output_dir
+        self.existed = output_dir.is_dir()
+        self.entries = set(os.listdir(output_dir)) if self.existed else set()
+        self.owner = False
+
+    def claimed(self, is_main: bool) -> None:
+        self.owner = is_main
+
+    def training(self) -> None:
+        self.owner = False  # the first step begins: the folder holds a run from now on
+
+    def undo(self) -> None:
+        if not self.owner:
+            return
+        for handler in list(logger.handlers):  # train.log is about to go: stop writing to it
+            if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == self.output_dir:
+                logger.removeHandler(handler)
+                handler.close()
+        if not self.existed:
+            shutil.rmtree(self.output_dir, ignore_errors=True)
+            return
+        for name in set(os.listdir(self.output_dir)) - self.entries:
+            path = self.output_dir / name
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
 
 def write_summary(summary: RunSummary) -> None:
