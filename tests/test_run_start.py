@@ -1,6 +1,7 @@
 """How a run starts: resuming with another global batch, which runs may train without LPIPS,
 trackers that are not installed, and what a failed start leaves behind."""
 
+import pytest
 from conftest import FAST
 
 from latent_vae.cli import main
@@ -79,3 +80,46 @@ def test_a_tracker_that_is_not_installed_is_an_error_naming_the_install(tmp_path
     err = capsys.readouterr().err
     assert "logging.trackers includes wandb, which is not installed: pip install wandb" in err
     assert len(err.strip().splitlines()) == 1 and not run.exists()
+
+
+def test_initial_validation_metrics_survive_a_resume_and_progress_is_plain_off_a_terminal(tmp_path, capsys):
+    import json
+
+    out = str(tmp_path / "run")
+    assert main(["train", "--output-dir", out, *FAST, "data.val_images=2", "train.max_steps=2",
+                 "logging.log_every=1"]) == 0
+    first = json.loads((tmp_path / "run" / "summary.json").read_text())["initial_val_metrics"]
+    assert set(first) == {"psnr", "ssim"}
+    err = capsys.readouterr().err  # captured: not a terminal
+    assert "\r" not in err and "step 2/2 (100%)" in err and "ETA" in err
+    assert main(["train", "--output-dir", out, "--resume", "latest", "train.max_steps=3"]) == 0
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["initial_val_metrics"] == first
+
+
+@pytest.mark.multiprocess
+def test_two_processes_print_one_final_line_and_preview_every_ranks_validation_images(tmp_path):
+    """torchrun, 2 CPU processes: the validation images are sharded (rank 0 holds 0 and 2, rank 1
+    holds 1 and 3); the preview grid's input row must hold all four in order, as one process shows."""
+    import os
+    import subprocess
+    import sys
+
+    import numpy as np
+    from PIL import Image
+
+    args = ["-m", "latent_vae", "train", *FAST, "data.val_images=4", "train.max_steps=1", "gan.start=100"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    runs = {}
+    for processes in (1, 2):
+        launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] if processes == 2 else []
+        out = tmp_path / f"run{processes}"
+        result = subprocess.run([sys.executable, *launcher, *args, "--output-dir", str(out)], capture_output=True,
+                                text=True, env=env, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        grid = np.asarray(Image.open(out / "samples" / "reconstructions-00000001.png"))
+        runs[processes] = (result.stdout, grid)
+    assert runs[2][0].count("done: 1 steps") == 1
+    single, double = runs[1][1], runs[2][1]
+    assert single.shape == double.shape
+    inputs = single.shape[0] // 2
+    assert np.array_equal(single[:inputs], double[:inputs])

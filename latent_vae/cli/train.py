@@ -65,12 +65,22 @@ def run(args: argparse.Namespace) -> int:
         summary = train(config, output_dir, resume=args.resume, overwrite=args.overwrite,
                         accept_changed_batch=args.accept_changed_batch)
     except TrainingError as err:
-        print(f"latent-vae train: error: {err}")
+        if _is_main_process():  # the processes agreed on the failure; the main one says it
+            print(f"latent-vae train: error: {err}")
         return 1
+    if not _is_main_process():  # one set of final lines, not one per process
+        return 0
     if summary.stopped_early:
-        print(f"stopped at step {summary.steps}; resume with: latent-vae train --output-dir {output_dir} --resume latest")
+        print(f"stopped at step {summary.steps}; resume with: "
+              f"latent-vae train --output-dir {output_dir} --resume latest")
     else:
         print(f"done: {summary.steps} steps; model in {summary.model_dir}")
         if summary.val_metrics:
             print("validation: " + ", ".join(f"{k} {v:.4f}" for k, v in summary.val_metrics.items()))
     return 0
+
+
+def _is_main_process() -> bool:
+    from accelerate import PartialState
+
+    return PartialState().is_main_process

@@ -99,9 +99,9 @@ def _train(cfg: Config, start: RunStart, resume: Optional[str], overwrite: bool,
     # Fine-tuning an existing VAE: keep its starting weights to report how far the latents moved.
     initial_vae = copy.deepcopy(vae).eval().requires_grad_(False) if cfg.model.pretrained else None
     state = build_state(cfg, vae, accelerator)
-    step, skipped_steps = 0, 0
-    if checkpoint_path is not None:
-        step, skipped_steps = restore_checkpoint(checkpoint_path, state, accelerator)
+    step, skipped_steps, initial_val_metrics = 0, 0, {}
+    if checkpoint_path is not None:  # the metrics of the model before training are the run's, kept across resumes
+        step, skipped_steps, initial_val_metrics = restore_checkpoint(checkpoint_path, state, accelerator)
         logger.info("resumed from %s at step %d", checkpoint_path, step)
     cfg_dict = config_to_dict(cfg)  # after set-up: a disabled perceptual loss is saved as weight 0
     if is_main:
@@ -111,13 +111,12 @@ def _train(cfg: Config, start: RunStart, resume: Optional[str], overwrite: bool,
     images_per_step = cfg.train.batch_size * accum * accelerator.num_processes
     loader = train_loader(train_dataset, cfg, accelerator, start_step=step)
     val_loader = validation_loader(val_source, cfg, accelerator) if val_source is not None else None
-    preview = preview_batch(val_loader, train_dataset, device)
+    preview = preview_batch(val_loader, train_dataset, accelerator)
     if cfg.logging.trackers:
         accelerator.init_trackers(cfg.logging.project, config=flat_hparams(cfg_dict))
     checkpoint_root = output_dir / "checkpoints"
 
     # ---------------------------------------------------------------- training loop
-    initial_val_metrics: Dict[str, float] = {}
     if val_loader is not None and step == 0:
         initial_val_metrics = validate(state.autoencoder.vae, val_loader, accelerator, step)
     guard = StepGuard(cfg, state.scaler, skipped_steps, device, StopRequest(cfg.train.time_limit_minutes))
@@ -139,7 +138,8 @@ def _train(cfg: Config, start: RunStart, resume: Optional[str], overwrite: bool,
             guard.log_skipped(step)
             if guard.exhausted:
                 # Skipped steps changed nothing, so these weights are those from before the first bad step.
-                save_checkpoint(checkpoint_root, state, step, guard.skipped_steps, accelerator, cfg_dict)
+                save_checkpoint(checkpoint_root, state, step, guard.skipped_steps, accelerator, cfg_dict,
+                                initial_val_metrics)
                 raise guard.error(step)
             final = step == cfg.train.max_steps
             if step % cfg.logging.log_every == 0 or final:
@@ -149,7 +149,8 @@ def _train(cfg: Config, start: RunStart, resume: Optional[str], overwrite: bool,
             if val_loader is not None and (step % cfg.train.val_every == 0 or final):
                 val_metrics = validate(state.inference_model(), val_loader, accelerator, step)
             if step % cfg.train.checkpoint_every == 0:
-                save_checkpoint(checkpoint_root, state, step, guard.skipped_steps, accelerator, cfg_dict)
+                save_checkpoint(checkpoint_root, state, step, guard.skipped_steps, accelerator, cfg_dict,
+                                initial_val_metrics)
                 last_saved = step
             if guard.stop_requested and not final:
                 logger.warning("stop requested (signal or time limit) at step %d: writing a checkpoint and exiting; "
@@ -161,7 +162,8 @@ def _train(cfg: Config, start: RunStart, resume: Optional[str], overwrite: bool,
         guard.stop.restore()
 
     if last_saved != step:
-        save_checkpoint(checkpoint_root, state, step, guard.skipped_steps, accelerator, cfg_dict)
+        save_checkpoint(checkpoint_root, state, step, guard.skipped_steps, accelerator, cfg_dict,
+                        initial_val_metrics)
     elapsed = time.time() - start_time
     logger.info("trained %d steps in %.0fs (%.2f steps/s); %d steps skipped, %d inputs unreadable",
                 step - start_step, elapsed, (step - start_step) / max(elapsed, 1e-9), guard.skipped_steps,

@@ -44,13 +44,31 @@ def setup_logging(output_dir: Path, is_main: bool) -> None:
     for handler in list(logger.handlers):
         logger.removeHandler(handler)
         handler.close()
-    console = logging.StreamHandler(sys.stderr)
+    console = _ProgressSafeHandler(sys.stderr)
     console.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
     logger.addHandler(console)
     if is_main:
         file = logging.FileHandler(output_dir / "train.log")
         file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         logger.addHandler(file)
+
+
+class _ProgressSafeHandler(logging.StreamHandler):
+    """Console log lines that do not break the progress bar: written through ``tqdm.write``, which
+    clears the bar, prints the line and redraws the bar below it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:  # the logging module's contract: report, never raise
+            self.handleError(record)
+
+
+def progress_bar_shown(is_main: bool) -> bool:
+    """A live progress bar only on the main process and only on a terminal: redirected to a file or a
+    job log, its carriage-return updates would interleave with the log lines (plain progress lines
+    at every logging step take its place)."""
+    return is_main and sys.stderr.isatty()
 
 
 class FailureLog:
@@ -142,8 +160,9 @@ class TrainingLog:
         self.accelerator, self.images_per_step, self.log_every = accelerator, images_per_step, cfg.logging.log_every
         self.metrics = MetricWindow(accelerator.device)
         self.collapse = CollapseMonitor()
-        self.progress = tqdm(total=cfg.train.max_steps, initial=step, disable=not accelerator.is_main_process,
-                             desc="train", dynamic_ncols=True)
+        self.max_steps, self.first_step = cfg.train.max_steps, step
+        self.progress = tqdm(total=cfg.train.max_steps, initial=step, desc="train", dynamic_ncols=True,
+                             disable=not progress_bar_shown(accelerator.is_main_process))
         self.step_seconds: List[float] = []  # wall time per step (the step's verdict synchronises the device)
         self.step_start = time.perf_counter()
 
@@ -164,11 +183,24 @@ class TrainingLog:
         scalars = _scalars(values)
         self.accelerator.log({f"train/{k}": v for k, v in scalars.items()}, step=step)
         self.collapse.check(scalars, step)
-        self.progress.set_postfix({k: f"{scalars[k]:.4g}" for k in ("nll", "pixel", "lpips", "g_loss", "d_loss")
-                                   if k in scalars})
+        shown = {k: f"{scalars[k]:.4g}" for k in ("nll", "pixel", "lpips", "g_loss", "d_loss") if k in scalars}
+        if self.progress.disable:  # no live bar (not a terminal): one plain line with the same information
+            done = step - self.first_step
+            eta = (self.max_steps - step) * sum(self.step_seconds) / max(done, 1)
+            logger.info("step %d/%d (%.0f%%), %.2f s/step, ETA %s: %s", step, self.max_steps,
+                        100 * step / self.max_steps, values["seconds_per_step"], _duration(eta),
+                        ", ".join(f"{k} {v}" for k, v in shown.items()))
+        else:
+            self.progress.set_postfix(shown)
 
     def close(self) -> None:
         self.progress.close()
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"
 
 
 def flat_hparams(tree: Dict, prefix: str = "") -> Dict[str, Any]:

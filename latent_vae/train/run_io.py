@@ -193,8 +193,9 @@ def _batch_change(metadata: Dict[str, Any], cfg: Config, num_processes: int) -> 
     return text
 
 
-def restore_checkpoint(path: Path, state: TrainState, accelerator) -> Tuple[int, int]:
-    """Load ``path`` into ``state`` and this process's RNG; returns (step, skipped steps)."""
+def restore_checkpoint(path: Path, state: TrainState, accelerator) -> Tuple[int, int, Dict[str, float]]:
+    """Load ``path`` into ``state`` and this process's RNG; returns (step, skipped steps, the run's
+    validation metrics before its first step)."""
     try:
         state.load_state_dict(ckpt.load_state(path))
     except pickle.UnpicklingError as err:
@@ -208,11 +209,11 @@ def restore_checkpoint(path: Path, state: TrainState, accelerator) -> Tuple[int,
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"], accelerator.device)
     metadata = ckpt.load_metadata(path)
-    return int(metadata["step"]), int(metadata.get("skipped_steps", 0))
+    return int(metadata["step"]), int(metadata.get("skipped_steps", 0)), metadata.get("initial_val_metrics", {})
 
 
 def save_checkpoint(root: Path, state: TrainState, step: int, skipped_steps: int, accelerator,
-                    cfg_dict: Dict) -> None:
+                    cfg_dict: Dict, initial_val_metrics: Dict[str, float]) -> None:
     """``<root>/checkpoint-<step>``, written by all processes together (see ``checkpoint.py``).
 
     Every process reaches every barrier even when a write fails, then all agree to stop: a
@@ -230,7 +231,7 @@ def save_checkpoint(root: Path, state: TrainState, step: int, skipped_steps: int
     accelerator.wait_for_everyone()
     if accelerator.is_main_process and not errors:
         metadata = {"step": step, "skipped_steps": skipped_steps, "config": cfg_dict,
-                    "num_processes": accelerator.num_processes}
+                    "num_processes": accelerator.num_processes, "initial_val_metrics": initial_val_metrics}
         path = _attempt(errors, ckpt.commit, root, step, state.state_dict(), metadata, accelerator.num_processes)
         if path is not None:
             ckpt.prune(root, cfg_dict["train"]["keep_checkpoints"])
@@ -283,8 +284,10 @@ def validation_loader(source, cfg: Config, accelerator):
     )
 
 
-def preview_batch(val_loader, train_dataset, device, count: int = 8) -> torch.Tensor:
-    """Fixed images for the reconstruction grids: the first validation crops (or training crops)."""
+def preview_batch(val_loader, train_dataset, accelerator, count: int = 8) -> torch.Tensor:
+    """Fixed images for the reconstruction grids: the first ``count`` validation crops of the whole
+    validation set, gathered from every process's shard (or the first training crops)."""
+    device = accelerator.device
     if val_loader is not None:
         images = []
         for batch in val_loader:
@@ -292,10 +295,31 @@ def preview_batch(val_loader, train_dataset, device, count: int = 8) -> torch.Te
                 images.append(batch["pixel_values"])
             if sum(len(i) for i in images) >= count:
                 break
-        if images:
-            return torch.cat(images)[:count].to(device)
+        gathered = _gather_in_dataset_order(images, count, accelerator)
+        if gathered is not None:
+            return gathered
     items = [train_dataset[(i % len(train_dataset), i)]["pixel_values"] for i in range(count)]
     return torch.stack(items).to(device)
+
+
+def _gather_in_dataset_order(images: List[torch.Tensor], count: int, accelerator) -> Optional[torch.Tensor]:
+    """This process's first validation crops, gathered from all processes back into dataset order:
+    process r holds items r, r + P, r + 2P... (``validation_loader``). Every process sends ``count``
+    crops (zero-padded) and how many are real. None when no process has any."""
+    device, processes = accelerator.device, accelerator.num_processes
+    local = torch.cat(images)[:count].to(device) if images else torch.zeros((0, 3, 1, 1), device=device)
+    held = len(local)
+    # a process whose shard is empty still takes part; the crop size is then learnt from the others
+    sizes = accelerator.gather(torch.tensor([held, *local.shape[2:]], device=device)).view(processes, 3)
+    if not sizes[:, 0].any():
+        return None
+    resolution = tuple(int(v) for v in sizes[sizes[:, 0].argmax(), 1:])
+    padded = torch.zeros((count, 3, *resolution), device=device)
+    padded[:held] = local
+    everyone = accelerator.gather(padded)
+    held_by = sizes[:, 0].tolist()
+    order = [rank * count + k for k in range(count) for rank in range(processes) if k < held_by[rank]]
+    return everyone[order[:count]]
 
 
 # --------------------------------------------------------------------------- what a run shows
