@@ -3,6 +3,7 @@ trackers that are not installed, and what a failed start leaves behind."""
 
 import pytest
 from conftest import FAST
+from PIL import Image
 
 from latent_vae.cli import main
 
@@ -98,28 +99,32 @@ def test_initial_validation_metrics_survive_a_resume_and_progress_is_plain_off_a
 
 @pytest.mark.multiprocess
 def test_two_processes_print_one_final_line_and_preview_every_ranks_validation_images(tmp_path):
-    """torchrun, 2 CPU processes: the validation images are sharded (rank 0 holds 0 and 2, rank 1
-    holds 1 and 3); the preview grid's input row must hold all four in order, as one process shows."""
+    """torchrun, 2 CPU processes: the 8 validation crops (2 photos × 4 crops) are sharded (rank 0
+    holds 0, 2, 4, 6; rank 1 holds 1, 3, 5, 7); the preview grid's input row must hold all 8, in order."""
     import os
     import subprocess
     import sys
 
     import numpy as np
-    from PIL import Image
+    import torch
+    from conftest import fast_config
 
-    args = ["-m", "latent_vae", "train", *FAST, "data.val_images=4", "train.max_steps=1", "gan.start=100"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    runs = {}
-    for processes in (1, 2):
-        launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] if processes == 2 else []
-        out = tmp_path / f"run{processes}"
-        result = subprocess.run([sys.executable, *launcher, *args, "--output-dir", str(out)], capture_output=True,
-                                text=True, env=env, timeout=300)
-        assert result.returncode == 0, result.stderr[-3000:]
-        grid = np.asarray(Image.open(out / "samples" / "reconstructions-00000001.png"))
-        runs[processes] = (result.stdout, grid)
-    assert runs[2][0].count("done: 1 steps") == 1
-    single, double = runs[1][1], runs[2][1]
-    assert single.shape == double.shape
-    inputs = single.shape[0] // 2
-    assert np.array_equal(single[:inputs], double[:inputs])
+    from latent_vae.data.datasets import ValidationDataset
+    from latent_vae.data.images import GRID_PADDING, image_grid
+    from latent_vae.data.sources import split_train_val
+
+    overrides = [*FAST, "data.val_images=4", "train.max_steps=1", "gan.start=100"]
+    out = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "-m", "latent_vae", "train", *overrides, "--output-dir", str(out)], capture_output=True,
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("done: 1 steps") == 1
+    cfg = fast_config(*overrides)
+    validation = ValidationDataset(split_train_val(cfg.data)[1], cfg.data, cfg.data.val_crops)
+    assert len(validation) == 8
+    inputs = np.asarray(image_grid(torch.stack([validation[i]["pixel_values"] for i in range(8)]), columns=8))
+    grid = np.asarray(Image.open(out / "samples" / "reconstructions-00000001.png"))
+    row = GRID_PADDING + cfg.data.resolution  # the top padding and the input row
+    assert grid.shape[1] == inputs.shape[1]
+    assert np.array_equal(grid[:row], inputs[:row])

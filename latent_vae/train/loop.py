@@ -135,7 +135,8 @@ def _train(cfg: Config, start: RunStart, resume: Optional[str], overwrite: bool,
             step += 1
             log.step_done()
 
-            guard.log_skipped(step)
+            if is_main:  # the verdict is shared: one warning, not one per process
+                guard.log_skipped(step)
             if guard.exhausted:
                 # Skipped steps changed nothing, so these weights are those from before the first bad step.
                 save_checkpoint(checkpoint_root, state, step, guard.skipped_steps, accelerator, cfg_dict,
@@ -153,8 +154,9 @@ def _train(cfg: Config, start: RunStart, resume: Optional[str], overwrite: bool,
                                 initial_val_metrics)
                 last_saved = step
             if guard.stop_requested and not final:
-                logger.warning("stop requested (signal or time limit) at step %d: writing a checkpoint and exiting; "
-                               "continue with --resume latest", step)
+                if is_main:
+                    logger.warning("stop requested (signal or time limit) at step %d: writing a checkpoint and "
+                                   "exiting; continue with --resume latest", step)
                 stopped_early = True
                 break
     finally:
