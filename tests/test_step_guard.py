@@ -74,6 +74,8 @@ def test_a_nan_sample_leaves_every_piece_of_state_bitwise_unchanged(tmp_path, mo
     assert summary.skipped_steps == 1
     assert_unchanged(*records[2])
     assert_trains(*records[3])
+    window = [line for line in (tmp_path / "train.log").read_text().splitlines() if "step 4/4" in line]
+    assert window and "nan" not in window[0]  # the bad step's logged values are left out of the means
     if kind == "vq":  # what the forward pass maintains moved in the good steps: the test sees it
         before, after = records[1]
         for name in ("ema_cluster_size", "ema_embed_sum", "recent", "num_forwards"):

@@ -89,24 +89,39 @@ class FailureLog:
 
 
 class MetricWindow:
-    """Sums of logged values between two logging steps, kept on the device (no host sync)."""
+    """Sums of logged values between two logging steps, kept on the device (no host sync). A step's
+    values wait in ``pending`` until its verdict: those of a bad (rolled back) step are left out,
+    so one NaN batch does not turn the whole window's means into NaN."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.sums: Dict[str, torch.Tensor] = {}
-        self.counts: Dict[str, int] = {}
+        self.counts: Dict[str, Any] = {}
+        self.pending: List[Dict[str, Any]] = []
 
     def add(self, values: Dict[str, Any]) -> None:
-        """Tensors are summed where they live; Python numbers on the host (a host-to-device copy
-        of a number every step would synchronise the device)."""
-        for key, value in values.items():
-            if isinstance(value, torch.Tensor):
-                value = value.detach().float()
-            self.sums[key] = self.sums[key] + value if key in self.sums else value
-            self.counts[key] = self.counts.get(key, 0) + 1
+        """Copied now: some values are views of parameters the step's update changes (``logvar``)."""
+        self.pending.append({key: value.detach().to(torch.float32, copy=True) if isinstance(value, torch.Tensor)
+                             else value for key, value in values.items()})
+
+    def settle(self, bad: torch.Tensor) -> None:
+        """Count the pending values of the step whose verdict is ``bad`` (1.0: leave them out).
+        Tensors are summed where they live, masked by the verdict on the device; Python numbers (host
+        values such as schedules, never NaN from data) on the host: a host-to-device copy of a number
+        every step would synchronise the device."""
+        for values in self.pending:
+            for key, value in values.items():
+                count: Any = 1
+                if isinstance(value, torch.Tensor):
+                    value = torch.where(bad > 0, torch.zeros((), device=value.device), value)
+                    count = 1 - bad
+                self.sums[key] = self.sums[key] + value if key in self.sums else value
+                self.counts[key] = self.counts[key] + count if key in self.counts else count
+        self.pending = []
 
     def reduce(self) -> Dict[str, Any]:
-        """Means over the window and over processes, on the host."""
+        """Means over the window's accepted steps and over processes, on the host (NaN for a value no
+        accepted step logged)."""
         out: Dict[str, Any] = {}
         for key in sorted(self.sums):
             total = torch.as_tensor(self.sums[key], dtype=torch.float32, device=self.device)

@@ -33,7 +33,8 @@ class StepOutput:
 def train_step(state: TrainState, batches: List[Dict[str, Any]], step: int, guard: StepGuard,
                metrics: MetricWindow, accelerator, cfg: Config) -> StepOutput:
     """Step ``step`` (0-based) over ``batches``, accumulated. The logged values of every micro-batch
-    go to ``metrics`` before the update (some are views of parameters the update changes)."""
+    go to ``metrics`` (detached before the update: some are views of parameters it changes), which
+    counts them only if the step is accepted."""
     gan_active = state.loss.gan_active(step)
     state.snapshot.save(state.step_tensors())  # before the forward passes: they update state too
     losses: List[torch.Tensor] = []
@@ -67,6 +68,7 @@ def train_step(state: TrainState, batches: List[Dict[str, Any]], step: int, guar
     changed = state.step_tensors()
     bad = guard.check([*losses, ae_norm, d_norm], state.snapshot.all_finite(changed, accelerator.device), step)
     state.snapshot.restore(changed, bad)
+    metrics.settle(bad)
     if state.ema is not None:
         state.ema.update(state.autoencoder.vae, skip=bad)
     state.scaler.update()
