@@ -23,6 +23,7 @@ from ..data.datasets import TrainDataset
 from ..data.sources import split_train_val
 from ..distributed import make_accelerator
 from ..errors import ConfigError
+from ..interop.hub import hub_api
 from .guard import StepGuard, StopRequest
 from .monitor import FailureLog, TrainingLog, flat_hparams, setup_logging
 from .run_io import (
@@ -53,6 +54,8 @@ def train(config: Config, output_dir: str | Path, resume: Optional[str] = None, 
 
     # ---------------------------------------------------------------- accelerator and run directory
     check_writable(output_dir)
+    if cfg.export.push_to_hub:
+        hub_api()  # a missing Hub login stops the run now, not after training
     accelerator = make_accelerator(
         mixed_precision=cfg.train.mixed_precision, log_with=cfg.logging.trackers or None,
         project_dir=str(output_dir / "logs"),
