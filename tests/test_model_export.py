@@ -28,7 +28,8 @@ def trained_run(tmp_path_factory):
     """tiny-kl briefly trained on real photos at 32 px, GAN from step 60 (~10 s on 2 idle CPU cores), one checkpoint
     on the way."""
     out = tmp_path_factory.mktemp("run")
-    train(fast_config("train.max_steps=120", "train.learning_rate=2e-4", "train.checkpoint_every=60", "gan.start=60"), out)
+    train(fast_config("train.max_steps=120", "train.learning_rate=2e-4", "train.checkpoint_every=60",
+                      "gan.start=60"), out)
     reset_accelerate()
     return out
 
