@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import time
 from pathlib import Path
@@ -12,6 +11,7 @@ from typing import Dict, Iterable, List, Optional
 import torch
 import yaml
 
+from ..models.loading import is_hub_id
 from ..models.stock import Autoencoder, count_parameters, downsample_factor, is_vq, latent_channels, training_latents
 from ..models.tiling import DEFAULT_TILE_SIZE
 from ..runtime import atomic_write, replace_dir
@@ -73,14 +73,6 @@ def public_name(reference: Optional[str]) -> Optional[str]:
     if is_hub_id(reference):
         return reference
     return Path(str(reference).rstrip("/")).name or None
-
-
-def is_hub_id(reference: str) -> bool:
-    """``owner/name`` (or a bare canonical name) that is not a path on this machine."""
-    return bool(HUB_ID.match(reference)) and not Path(reference).exists()
-
-
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
 
 def card_metadata(model: Autoencoder, recipe: Dict, license_id: str) -> Dict:
