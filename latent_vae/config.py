@@ -30,9 +30,13 @@ class ModelConfig:
     config: Dict[str, Any] = field(default_factory=dict)
     trainable: str = "all"
     gradient_checkpointing: bool = False
+    # A recipe made for one class of model (the SD decoder fine-tunes: AutoencoderKL) refuses another.
+    pretrained_class: Optional[str] = None
 
     def __post_init__(self) -> None:
         check_choice("model.trainable", self.trainable, ("all", "decoder"))
+        if self.pretrained_class is not None:
+            check_choice("model.pretrained_class", self.pretrained_class, ("AutoencoderKL", "VQModel"))
         if not self.pretrained:
             check_preset(self.preset)
 

@@ -23,7 +23,16 @@ def build_autoencoder(cfg: ModelConfig) -> Autoencoder:
                 "model.config cannot change the architecture of model.pretrained; "
                 "remove model.config or train from a preset"
             )
-        return load_autoencoder(cfg.pretrained, subfolder=cfg.subfolder)
+        model = load_autoencoder(cfg.pretrained, subfolder=cfg.subfolder)
+        found = type(model).__name__
+        if cfg.pretrained_class and found != cfg.pretrained_class:
+            recipe = "vq-f8" if found == "VQModel" else "kl-f8"
+            raise ConfigError(
+                f"model.pretrained={cfg.pretrained} is a {found}, but this recipe fine-tunes an {cfg.pretrained_class} "
+                f"(model.pretrained_class: its losses and numbers are for that kind of model); start from a recipe for "
+                f"a {found} instead, e.g. --config {recipe} model.pretrained={cfg.pretrained} model.trainable=decoder"
+            )
+        return model
     preset = check_preset(cfg.preset)
     kwargs = {**preset.kwargs, **cfg.config}
     try:
