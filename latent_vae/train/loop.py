@@ -24,6 +24,7 @@ from ..data.sources import split_train_val
 from ..distributed import make_accelerator
 from ..errors import ConfigError
 from ..interop.hub import hub_api
+from ..runtime import configure_cpu_threads
 from .guard import StepGuard, StopRequest
 from .monitor import FailureLog, TrainingLog, flat_hparams, setup_logging
 from .run_io import (
@@ -61,6 +62,7 @@ def train(config: Config, output_dir: str | Path, resume: Optional[str] = None, 
         project_dir=str(output_dir / "logs"),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)])
     is_main, device = accelerator.is_main_process, accelerator.device
+    configure_cpu_threads(device, cfg.data.num_workers)
     if cfg.train.mixed_precision == "fp16" and device.type != "cuda":
         raise ConfigError(f"train.mixed_precision=fp16 needs a CUDA GPU (this run is on {device.type}, where it would "
                           "silently train in fp32); use train.mixed_precision=bf16 or no")
