@@ -30,9 +30,13 @@ class ModelConfig:
     config: Dict[str, Any] = field(default_factory=dict)
     trainable: str = "all"
     gradient_checkpointing: bool = False
+    # A recipe made for one class of model (the SD decoder fine-tunes: AutoencoderKL) refuses another.
+    pretrained_class: Optional[str] = None
 
     def __post_init__(self) -> None:
         check_choice("model.trainable", self.trainable, ("all", "decoder"))
+        if self.pretrained_class is not None:
+            check_choice("model.pretrained_class", self.pretrained_class, ("AutoencoderKL", "VQModel"))
         if not self.pretrained:
             check_preset(self.preset)
 
@@ -249,8 +253,13 @@ class LoggingConfig:
 class ExportConfig:
     scaling_factor: Optional[float] = None
     scaling_images: int = 64
+    push_to_hub: Optional[str] = None  # OWNER/NAME: the exported folder and its card go to this Hub repository
+    hub_private: bool = False
+    license: str = "other"  # the model card's license (a Hub license id, e.g. mit, apache-2.0, openrail)
 
     def __post_init__(self) -> None:
+        if self.push_to_hub is not None and "/" not in self.push_to_hub:
+            raise ConfigError(f"export.push_to_hub={self.push_to_hub!r} is not a Hub repository id; give OWNER/NAME")
         if self.scaling_factor is not None:
             check_positive("export.scaling_factor", self.scaling_factor)
         check_positive("export.scaling_images", self.scaling_images, allow_zero=True)

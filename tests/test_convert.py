@@ -11,8 +11,14 @@ from diffusers import AutoencoderKL, VQModel
 from safetensors.torch import load_file, save_file
 
 from latent_vae.cli import main
-from latent_vae.errors import ConversionError
-from latent_vae.interop.single_file import export_single_file, import_single_file, infer_config, to_original_state_dict
+from latent_vae.errors import ConversionError, InvalidModel
+from latent_vae.interop.single_file import (
+    CONFIG_METADATA_KEY,
+    export_single_file,
+    import_single_file,
+    infer_config,
+    to_original_state_dict,
+)
 from latent_vae.presets import PRESETS, _blocks
 
 
@@ -202,3 +208,34 @@ def test_infer_config_reads_the_architecture_from_shapes():
     assert config["up_block_types"] == list(model.config.up_block_types)
     assert config["layers_per_block"] == 2 and config["latent_channels"] == 16
     assert config["scaling_factor"] == 1.0  # not the SD value: only 4-channel VAEs get 0.18215
+
+
+def with_metadata_config(path, **changes):  # _raw="...": the metadata's text itself
+    """The exported file rewritten with its metadata's diffusers config edited (as a hostile file could)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as handle:
+        metadata = handle.metadata()
+    state = load_file(path)
+    raw = changes.pop("_raw", None)
+    text = raw or json.dumps({**json.loads(metadata[CONFIG_METADATA_KEY]), **changes})
+    save_file(state, str(path), metadata={**metadata, CONFIG_METADATA_KEY: text})
+
+
+@pytest.mark.parametrize("changes, error, match", [
+    ({"layers_per_block": 10_000_000}, InvalidModel, "layers_per_block"),
+    ({"block_out_channels": [1_000_000, 32, 32, 32]}, InvalidModel, "block_out_channels"),
+    ({"_raw": "{not json"}, InvalidModel, "not valid JSON"),
+    ({"latent_channels": 8}, ConversionError, "shape"),  # sane alone, but not these tensors
+])
+def test_metadata_config_of_an_untrusted_file_is_checked_before_anything_is_built(tmp_path, monkeypatch,
+                                                                                  changes, error, match):
+    export_single_file(kl_model(), tmp_path / "vae.safetensors")
+    with_metadata_config(tmp_path / "vae.safetensors", **changes)
+
+    def never(*args, **kwargs):
+        raise AssertionError("a model was built from an unchecked config")
+
+    monkeypatch.setattr(AutoencoderKL, "from_config", never)
+    with pytest.raises(error, match=match):
+        import_single_file(tmp_path / "vae.safetensors")

@@ -427,3 +427,20 @@ def test_eval_cli_errors_are_one_line(tmp_path, photo_folder, offline, capsys):
     assert main(["eval", "--model", str(tmp_path / "vq"), "--data", str(photo_folder), "--no-lpips", "--no-fid",
                  "--tiled", "--resolution", str(RESOLUTION)]) == 2
     assert "VQModel has no tiled" in capsys.readouterr().err
+
+
+def test_eval_names_every_missing_weights_file_and_its_flag_in_one_line(offline, photo_folder, tmp_path, capsys):
+    """Not one network per run: LPIPS-alex, LPIPS-vgg and InceptionV3 in one message, with eval's flags only."""
+    model_dir = tmp_path / "model"
+    tiny_model("tiny-kl").save_pretrained(model_dir)
+    bad = tmp_path / "alexnet-owt-7be5be79.pth"
+    bad.write_bytes(b"not weights")
+    assert main(["eval", "--model", str(model_dir), "--data", str(photo_folder), "--resolution", "32",
+                 "--lpips-weights", f"alex={bad}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    for expected in ("LPIPS (alex)", str(bad), "--lpips-weights alex=PATH", "LPIPS (vgg)", "vgg16-397923af.pth",
+                     "--lpips-weights vgg=", "InceptionV3", "weights-inception-2015-12-05-6726825d.pth",
+                     "--fid-weights", "--no-lpips", "--no-fid"):
+        assert expected in err, expected
+    assert "reconstruction." not in err and "train" not in err  # no training-only hints

@@ -53,3 +53,32 @@ def test_replace_dir_swaps_a_folder_whole(tmp_path):
     replace_dir(staging, final)
     assert [p.name for p in final.iterdir()] == ["new.txt"] and not staging.exists()
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+@pytest.fixture
+def restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_cpu_threads_leave_room_for_workers_and_other_processes(monkeypatch, restore_threads):
+    """torch's one-thread-per-core default, with workers beside it, ran encode 7x slower on a busy 2-core machine."""
+    from latent_vae import runtime
+
+    for name in runtime.THREAD_ENV_VARS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(runtime, "available_cpus", lambda: 8)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    torch.set_num_threads(8)
+    assert runtime.configure_cpu_threads(torch.device("cpu"), num_workers=1) == 3 == torch.get_num_threads()
+    monkeypatch.setattr(runtime, "available_cpus", lambda: 2)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert runtime.configure_cpu_threads(torch.device("cpu"), num_workers=4) == 1  # at least one
+    torch.set_num_threads(2)
+    assert runtime.configure_cpu_threads(torch.device("cpu"), num_workers=0) == 2  # never raised or lowered in vain
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the user's choice (torchrun sets 1) is kept
+    assert runtime.configure_cpu_threads(torch.device("cpu"), num_workers=1) == 2
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert runtime.configure_cpu_threads(torch.device("cuda"), num_workers=1) == 2  # GPU jobs: left alone
+    assert runtime.default_num_workers() == 1

@@ -7,9 +7,11 @@ Each subcommand module defines ``HELP`` (one line), ``DESCRIPTION`` (the --help 
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import os
 import pkgutil
+import re
 import sys
 from typing import List, Optional
 
@@ -26,6 +28,45 @@ def add_tiling_arguments(group, what: str) -> None:
                        help="overlap of neighbouring tiles, fraction of a tile (default: 0.25)")
 
 
+class SuggestingParser(argparse.ArgumentParser):
+    """argparse that names the nearest flag, subcommand or choice when one is mistyped (difflib)."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        parsed, extras = super().parse_known_args(args, namespace)
+        if extras and self.prog == "latent-vae":
+            # Unknown flags of a subcommand surface here, at the top level: suggest from that subcommand's own.
+            command = getattr(parsed, "command", None)
+            sub = self._subcommand_parser(command) or self
+            unknown = [e for e in extras if e.startswith("-")]
+            if unknown:
+                sub.error(f"unrecognized arguments: {' '.join(extras)}" + sub._flag_hint(unknown))
+        return parsed, extras
+
+    def _subcommand_parser(self, command: Optional[str]) -> Optional[argparse.ArgumentParser]:
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction) and command in action.choices:
+                return action.choices[command]
+        return None
+
+    def _flag_hint(self, unknown: List[str]) -> str:
+        flags = [flag for flag in self._option_string_actions if flag.startswith("--")]
+        hints = []
+        for token in (t.split("=", 1)[0] for t in unknown):
+            close = difflib.get_close_matches(token, flags, n=1, cutoff=0.6)
+            if close:
+                hints.append(close[0] if len(unknown) == 1 else f"{close[0]} (for {token})")
+        return f"; did you mean {', '.join(hints)}?" if hints else ""
+
+    def error(self, message: str):
+        choice = re.search(r"invalid choice: '?([^' ]+)'? \(choose from (.*)\)", message)
+        if choice:
+            options = [c.strip(" '") for c in choice.group(2).split(",")]
+            close = difflib.get_close_matches(choice.group(1), options, n=1, cutoff=0.5)
+            if close:
+                message += f"; did you mean '{close[0]}'?"
+        super().error(message)
+
+
 # The order of `latent-vae --help`: the workflow first; any other command follows alphabetically.
 ORDER = ("train", "encode", "stats", "decode", "eval", "compare", "export", "import", "interpolate", "sample",
          "visualize", "score")
@@ -39,7 +80,7 @@ def _subcommands():
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = SuggestingParser(
         prog="latent-vae",
         description="Train KL and VQ image tokenizers for latent diffusion and use them as stock "
                     "diffusers AutoencoderKL / VQModel. Run `latent-vae <command> --help` for details.",

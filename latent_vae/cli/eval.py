@@ -49,7 +49,8 @@ def add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
                       help="resize the shorter side to this and centre-crop (default: 256)")
     data.add_argument("--limit", type=int, help="evaluate only the first N images")
     data.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: 8)")
-    data.add_argument("--num-workers", type=int, default=2, help="DataLoader workers (default: 2)")
+    data.add_argument("--num-workers", type=int,
+                      help="DataLoader workers (default: the CPUs this process may use minus one, at most 4)")
     model = parser.add_argument_group("reconstruction")
     model.add_argument("--sample", action="store_true",
                        help="KL models: decode a posterior sample (seeded per image) instead of the mean")
@@ -94,7 +95,8 @@ def evaluation_options(args: argparse.Namespace):
 
     nets = [] if args.no_lpips else list(dict.fromkeys(args.lpips))
     return EvalOptions(
-        resolution=args.resolution, batch_size=args.batch_size, num_workers=args.num_workers,
+        resolution=args.resolution, batch_size=args.batch_size,
+        **({"num_workers": args.num_workers} if args.num_workers is not None else {}),
         sample=args.sample, seed=args.seed, limit=args.limit, tiled=args.tiled, tile_size=args.tile_size,
         tile_overlap=args.tile_overlap,
         precision=args.precision, lpips=tuple(nets), lpips_weights=lpips_weight_files(args.lpips_weights, nets),

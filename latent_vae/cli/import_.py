@@ -41,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..errors import ConfigError
-    from ..interop.export import save_diffusers_model
+    from ..interop.export import save_diffusers_model, write_model_card
     from ..interop.single_file import describe, import_single_file
 
     out = args.output_dir
@@ -52,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"{out} is not a diffusers model folder (no config.json); refusing to replace it")
     model, notes = import_single_file(args.checkpoint, config=args.config, scaling_factor=args.scaling_factor)
     save_diffusers_model(model, out)
+    write_model_card(out, model, {}, 0, {}, [f"converted from the single file `{args.checkpoint.name}`", *notes])
     for note in notes:
         print(f"note: {note}")
     print(f"wrote {out} ({describe(model)}); load it with diffusers {type(model).__name__}.from_pretrained")

@@ -18,7 +18,8 @@ Pipelines use them as follows: SD 1.x/2.x/SDXL: z * scaling_factor; SD3/FLUX:
 (z - shift_factor) * scaling_factor; SDXL-family pipelines when latents_mean/latents_std are
 set: (z - latents_mean) * scaling_factor / latents_std — hence scaling_factor 1.0 with the
 per-channel fields (writing both sets would scale twice there). Both sets are always saved in
-LATENTS/latent_stats.json. VQModel configs only have scaling_factor.
+LATENTS/latent_stats.json. VQModel configs only have scaling_factor: --write-to a VQModel takes
+--fields global (scaling_factor only); --fields per-channel is refused.
 
 examples:
   latent-vae stats --latents latents/
@@ -39,9 +40,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import json
 
-    from ..encode.stats import compute_latent_statistics, write_to_model_config
+    from ..encode.stats import check_write_target, compute_latent_statistics, write_to_model_config
     from ..runtime import atomic_write_bytes
 
+    if args.write_to:
+        check_write_target(args.write_to, args.fields)  # before the pass over the latents
     stats = compute_latent_statistics(args.latents, args.column, args.batch_size)
     atomic_write_bytes(args.latents / "latent_stats.json",
                        lambda h: h.write((json.dumps(stats.to_json(), indent=2) + "\n").encode()))

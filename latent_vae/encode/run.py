@@ -36,7 +36,7 @@ from ..errors import ConfigError, DataError
 from ..models.loading import load_autoencoder
 from ..models.stock import Autoencoder, downsample_factor, is_vq, latent_channels
 from ..models.tiling import configure_tiling
-from ..runtime import atomic_write_bytes, atomic_write_json, fsync_path, resolve_precision
+from ..runtime import atomic_write_bytes, atomic_write_json, configure_cpu_threads, fsync_path, resolve_precision
 from ..seeding import derive_seed
 from .encoder import LatentEncoder
 from .identity import model_path, prepare_output, run_identity
@@ -132,6 +132,7 @@ def encode_dataset(model: Union[str, Path, Autoencoder], data: Union[str, Path, 
     started = time.perf_counter()
     accelerator = _accelerator(opts.device)
     device = torch.device(opts.device) if opts.device else accelerator.device
+    configure_cpu_threads(device, opts.num_workers)
     opts.batch_size = opts.batch_size or (16 if device.type == "cuda" else 1)
     vae, source, scan_failures = _load_inputs(model, data, opts)
     precision = resolve_precision(opts.precision, device, is_vq(vae))

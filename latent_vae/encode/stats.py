@@ -21,6 +21,7 @@ from typing import Any, Dict, Iterator, List, Union
 import numpy as np
 
 from ..errors import ConfigError, check_choice
+from ..models.checks import read_json_config
 from ..runtime import atomic_write_bytes
 from .decode import load_latent_dataset, stored_dtype
 from .storage import latent_to_tensor
@@ -128,9 +129,31 @@ def compute_latent_statistics(latents_dir: Union[str, Path], column: str = "late
     return latent_statistics(dataset, stored_dtype(config), column, batch_size, progress)
 
 
+def check_fields(fields: str, class_name: str, model_dir: Union[str, Path]) -> None:
+    """``fields`` must be ones the model's class has: a VQModel's config holds only ``scaling_factor``
+    (``LDMPipeline`` reads nothing else), so per-channel statistics cannot be written to it."""
+    check_choice("--fields", fields, FIELD_SETS)
+    if class_name == "VQModel" and fields == "per-channel":
+        raise ConfigError(f"--fields per-channel: {model_dir} is a VQModel, whose config has no latents_mean/"
+                          "latents_std (LDMPipeline applies only scaling_factor); use --fields global")
+
+
+def read_model_config(model_dir: Union[str, Path]) -> Dict[str, Any]:
+    """The ``config.json`` of the ``--write-to`` folder (checked: bounded, a mapping)."""
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{model_dir} is not a diffusers model folder (no config.json)")
+    return read_json_config(path)
+
+
+def check_write_target(model_dir: Union[str, Path], fields: str) -> None:
+    """Refuse a ``--write-to`` that cannot take ``fields`` before the statistics pass runs."""
+    check_fields(fields, read_model_config(model_dir).get("_class_name", "AutoencoderKL"), model_dir)
+
+
 def config_updates(stats: LatentStatistics, fields: str, class_name: str) -> Dict[str, Any]:
     """The config keys ``fields`` sets (see the module docstring for the conventions)."""
-    check_choice("--fields", fields, FIELD_SETS)
+    check_fields(fields, class_name, class_name)
     if class_name == "VQModel":  # VQModel's config has no shift or per-channel fields
         return {"scaling_factor": stats.scaling_factor}
     per_channel = {"latents_mean": stats.channel_mean, "latents_std": stats.channel_std}
@@ -140,12 +163,11 @@ def config_updates(stats: LatentStatistics, fields: str, class_name: str) -> Dic
     return {**per_channel, "scaling_factor": 1.0, "shift_factor": None}
 
 
-def write_to_model_config(model_dir: Union[str, Path], stats: LatentStatistics, fields: str = "global") -> Dict[str, Any]:
+def write_to_model_config(model_dir: Union[str, Path], stats: LatentStatistics,
+                          fields: str = "global") -> Dict[str, Any]:
     """Update ``model_dir/config.json`` in place (atomically); returns the keys written."""
     path = Path(model_dir) / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{model_dir} is not a diffusers model folder (no config.json)")
-    config = json.loads(path.read_text())
+    config = read_model_config(model_dir)
     class_name = config.get("_class_name", "AutoencoderKL")
     channels = config.get("latent_channels")
     if class_name == "VQModel":

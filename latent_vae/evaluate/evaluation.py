@@ -36,7 +36,7 @@ from ..errors import ConfigError, DataError
 from ..losses.kl import gaussian_kl
 from ..models.stock import Autoencoder, encoder_latents, is_vq, latents_to_indices, posterior
 from ..models.tiling import tiling
-from ..runtime import autocast
+from ..runtime import autocast, configure_cpu_threads
 from ..seeding import derive_seed, seeded_normal
 from .dataset import eval_loader, load_eval_images
 from .metrics import psnr_per_image, ssim_per_image
@@ -141,6 +141,7 @@ def evaluate(model: Autoencoder, source: ImageSource, options: Optional[EvalOpti
         source = source.subset(range(min(options.limit, len(source))))
     if len(source) < state.num_processes:
         raise DataError(f"{len(source)} images for {state.num_processes} processes: use fewer processes")
+    configure_cpu_threads(device, options.num_workers)
     model.to(device).eval()
     lpips_nets = {name: net.to(device) for name, net in networks.lpips.items()}
     statistics = SetStatistics(model, options, networks, device)

@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from ..errors import InceptionWeightsUnavailable, PerceptualWeightsUnavailable
-from ..losses.perceptual import build_lpips
-from ..weights import pretrained_weights
+from ..losses.perceptual import BACKBONE_URLS, build_lpips
+from ..weights import cached_path, pretrained_weights
 from .options import EvalOptions
 
 # The weights torch-fidelity (and so torchmetrics' FrechetInceptionDistance) downloads.
@@ -72,16 +72,43 @@ def load_inception(weights_path: Optional[str] = None, features: int = 2048) -> 
             ) from None
 
 
+def _missing(what: str, url: str, given: Optional[str], flag: str, err: Exception) -> str:
+    """One entry of the up-front report: the network, the file it needs, and the flag that takes it
+    (``flag``: a template with ``{path}``)."""
+    name = Path(url).name
+    if given:  # the user's file is unusable: say why (the reason names the file)
+        reason = str(err).split(": ", 1)[-1] if str(err).startswith(what) else str(err)
+        return f"{what}: {reason} (expected {name}: {flag.format(path='PATH')})"
+    if "pip install" in str(err):  # a missing package, not a missing file
+        return f"{what}: {str(err).split('; or skip')[0]}"
+    return f"{what} needs {name} ({url}), not in {cached_path(url).parent}: {flag.format(path='/path/' + name)}"
+
+
 def build_metric_networks(options: EvalOptions, fid_extractor: Optional[nn.Module] = None,
                           fid_float_input: bool = False) -> MetricNetworks:
-    """LPIPS backbones and the rFID feature extractor the options ask for; fails before any work."""
-    lpips_nets = {}
+    """LPIPS backbones and the rFID feature extractor the options ask for, before any image is read.
+
+    Every network is tried; the weights that are missing are reported together, each with its file
+    and flag, in one error (``InceptionWeightsUnavailable`` when only rFID's are missing)."""
+    lpips_nets, missing, fid_missing = {}, [], False
     for net in options.lpips:
+        given = options.lpips_weights.get(net)
         try:
-            lpips_nets[net] = build_lpips(net, options.lpips_weights.get(net))
+            lpips_nets[net] = build_lpips(net, given)
         except PerceptualWeightsUnavailable as err:
-            raise PerceptualWeightsUnavailable(f"{err} For eval: --lpips {'vgg' if net == 'alex' else 'alex'} "
-                                               "keeps only the other backbone; --no-lpips skips LPIPS.") from None
+            flag = f"--lpips-weights {net}={{path}}"
+            missing.append(_missing(f"LPIPS ({net})", BACKBONE_URLS[net], given, flag, err))
     if options.fid and fid_extractor is None:
-        fid_extractor = load_inception(options.fid_weights, options.fid_features)
+        try:
+            fid_extractor = load_inception(options.fid_weights, options.fid_features)
+        except InceptionWeightsUnavailable as err:
+            fid_missing = True
+            missing.append(_missing("rFID (torch-fidelity's InceptionV3)", INCEPTION_URL, options.fid_weights,
+                                    "--fid-weights {path}", err))
+    if missing:
+        skips = ["--no-lpips (or --lpips naming only the backbones you have)"] if len(missing) > fid_missing else []
+        skips += ["--no-fid"] if fid_missing else []
+        error = InceptionWeightsUnavailable if fid_missing and len(missing) == 1 else PerceptualWeightsUnavailable
+        raise error(f"missing metric weights: {'; '.join(missing)}. Pass each file with its flag (downloaded "
+                    f"where there is network), or skip the metric: {' / '.join(skips)}")
     return MetricNetworks(lpips_nets, fid_extractor if options.fid else None, fid_float_input)

@@ -13,11 +13,17 @@ LPIPS_BACKBONES = ("alex", "vgg")
 FID_FEATURE_SIZES = (64, 192, 768, 2048)
 
 
+def _default_num_workers() -> int:
+    from ..runtime import default_num_workers  # imports torch: not when the CLI only builds its parser
+
+    return default_num_workers()
+
+
 @dataclass
 class EvalOptions:
     resolution: int = 256
     batch_size: int = 8
-    num_workers: int = 2
+    num_workers: int = field(default_factory=lambda: _default_num_workers())  # a CPU left for the model
     sample: bool = False              # decode a posterior sample instead of the mean (KL)
     seed: int = 0                     # for ``sample``: image i uses derive_seed(seed, i)
     limit: Optional[int] = None       # evaluate the first N images only

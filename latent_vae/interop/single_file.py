@@ -25,16 +25,16 @@ exact model; for other files the architecture is inferred from the tensor shapes
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import torch
-from diffusers import AutoencoderKL, VQModel
 from safetensors.torch import save_file
 
 from ..errors import ConfigError, ConversionError, UnreadableWeights
+from ..models.checks import build_on_meta, check_config, parse_json_config, read_json_config
+from ..models.loading import SUPPORTED
 from ..models.stock import Autoencoder, is_vq
 from ..runtime import atomic_write
 from ..weights import read_weights
@@ -86,6 +86,12 @@ def to_original_state_dict(model: Autoencoder) -> Dict[str, torch.Tensor]:
 
 def load_original_state_dict(model: Autoencoder, state: Dict[str, torch.Tensor]) -> None:
     """Copy an original-layout state dict into ``model``; every tensor must be used, none missing."""
+    model.load_state_dict(converted_state_dict(model, state), strict=True)
+
+
+def converted_state_dict(model: Autoencoder, state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """``state`` under ``model``'s diffusers names, checked tensor for tensor against ``model``'s shapes
+    (``model`` may live on the meta device: nothing is copied)."""
     levels = len(model.config.block_out_channels)
     targets = model.state_dict()
     converted, missing = {}, []
@@ -110,7 +116,7 @@ def load_original_state_dict(model: Autoencoder, state: Dict[str, torch.Tensor])
             + (f"; {len(unexpected)} tensors left over (e.g. {', '.join(unexpected[:3])})" if unexpected else "")
             + ". Give the model's diffusers config with --config"
         )
-    model.load_state_dict(converted, strict=True)
+    return converted
 
 
 # --------------------------------------------------------------------------- files
@@ -207,13 +213,15 @@ def _read_config(path: str | Path) -> Dict:
         path = path / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"diffusers config not found: {path} (give a model folder or its config.json)")
-    return json.loads(path.read_text())
+    return read_json_config(path)
 
 
-def model_from_config(config: Dict) -> Autoencoder:
-    cls = {"AutoencoderKL": AutoencoderKL, "VQModel": VQModel}.get(config.get("_class_name", "AutoencoderKL"))
-    if cls is None:
-        raise ConversionError(f"{config['_class_name']} is not supported (AutoencoderKL or VQModel)")
+def model_from_config(config: Dict, state: Dict[str, torch.Tensor], source: str) -> Autoencoder:
+    """The model ``config`` describes, built only after its fields are checked (``models.checks``) and the
+    model built on the meta device is found to match the file's tensors: a config from an untrusted
+    file's metadata is no more trusted than a config.json."""
+    cls = check_config(config, SUPPORTED, source)
+    converted_state_dict(build_on_meta(cls, config, source), state)
     return cls.from_config(config)
 
 
@@ -231,7 +239,7 @@ def import_single_file(path: str | Path, config: Optional[str | Path] = None,
     if config is not None:
         model_config = _read_config(config)
     elif CONFIG_METADATA_KEY in metadata:
-        model_config = json.loads(metadata[CONFIG_METADATA_KEY])
+        model_config = parse_json_config(metadata[CONFIG_METADATA_KEY], str(path), "its metadata's diffusers config")
     else:
         model_config = infer_config(state)
         notes.append("architecture inferred from the tensor shapes (GroupNorm 32 groups); "
@@ -245,7 +253,7 @@ def import_single_file(path: str | Path, config: Optional[str | Path] = None,
     if ("quantize.embedding.weight" in state) != (model_config.get("_class_name") == "VQModel"):
         raise ConversionError("the config's model class does not match the file (codebook present: "
                               f"{'quantize.embedding.weight' in state})")
-    model = model_from_config(model_config)
+    model = model_from_config(model_config, state, str(config or path))
     load_original_state_dict(model, state)
     return model.eval(), notes
 

@@ -43,11 +43,22 @@ def read_json_config(path: Path) -> Dict[str, Any]:
     if size > MAX_CONFIG_BYTES:
         raise _bad(str(path), f"config.json is {size} bytes (limit {MAX_CONFIG_BYTES})")
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
         raise _bad(str(path), f"config.json is not valid JSON ({err})") from None
+    return parse_json_config(text, str(path), "config.json")
+
+
+def parse_json_config(text: str, source: str, what: str) -> Dict[str, Any]:
+    """A diffusers config from JSON text (a config.json, or a single file's metadata): bounded, a mapping."""
+    if len(text) > MAX_CONFIG_BYTES:
+        raise _bad(source, f"{what} is {len(text)} characters (limit {MAX_CONFIG_BYTES})")
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise _bad(source, f"{what} is not valid JSON ({err})") from None
     if not isinstance(config, dict):
-        raise _bad(str(path), "config.json does not hold a mapping")
+        raise _bad(source, f"{what} does not hold a mapping")
     return config
 
 

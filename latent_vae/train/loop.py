@@ -23,6 +23,8 @@ from ..data.datasets import TrainDataset
 from ..data.sources import split_train_val
 from ..distributed import make_accelerator
 from ..errors import ConfigError
+from ..interop.hub import hub_api
+from ..runtime import configure_cpu_threads
 from .guard import StepGuard, StopRequest
 from .monitor import FailureLog, TrainingLog, check_trackers, flat_hparams, setup_logging
 from .run_io import (
@@ -68,11 +70,14 @@ def _train(cfg: Config, start: RunStart, resume: Optional[str], overwrite: bool,
 
     # ---------------------------------------------------------------- accelerator and run directory
     check_trackers(cfg.logging.trackers)
+    if cfg.export.push_to_hub:
+        hub_api()  # a missing Hub login stops the run now, not after training
     accelerator = make_accelerator(
         mixed_precision=cfg.train.mixed_precision, log_with=cfg.logging.trackers or None,
         project_dir=str(output_dir / "logs"),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)])
     is_main, device = accelerator.is_main_process, accelerator.device
+    configure_cpu_threads(device, cfg.data.num_workers)
     if cfg.train.mixed_precision == "fp16" and device.type != "cuda":
         raise ConfigError(f"train.mixed_precision=fp16 needs a CUDA GPU (this run is on {device.type}, where it would "
                           "silently train in fp32); use train.mixed_precision=bf16 or no")

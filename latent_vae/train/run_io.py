@@ -26,7 +26,8 @@ from ..distributed import all_reduce_sum_
 from ..errors import CheckpointError, TrainingError
 from ..evaluate.compare import latent_drift
 from ..evaluate.metrics import psnr_per_image, ssim_per_image
-from ..interop.export import compute_scaling_factor, save_diffusers_model, write_model_card
+from ..interop.export import compute_scaling_factor, save_diffusers_model, set_tile_size, write_model_card
+from ..interop.hub import push_model_folder
 from ..models.stock import Autoencoder, reconstruct
 from . import checkpoint as ckpt
 from .state import TrainState, effective_learning_rate
@@ -398,9 +399,13 @@ def export_model(cfg: Config, cfg_dict: Dict, vae: Autoencoder, train_dataset: T
                          f"{drift['relative_l2']:.3g} (scaled latents {drift['scaled_relative_l2']:.3g}); "
                          + ("the encoder was frozen (model.trainable=decoder)" if cfg.model.trainable == "decoder"
                             else "the encoder was trained: diffusion models trained on the starting latents may not transfer"))
+        set_tile_size(vae, cfg.data.resolution)
         save_diffusers_model(vae, model_dir)
-        write_model_card(model_dir, vae, cfg_dict, step, val_metrics, notes)
+        write_model_card(model_dir, vae, cfg_dict, step, val_metrics, notes, repo_id=cfg.export.push_to_hub)
         logger.info("model exported to %s (load with diffusers %s.from_pretrained)", model_dir, type(vae).__name__)
+        if cfg.export.push_to_hub:
+            url = push_model_folder(model_dir, cfg.export.push_to_hub, private=cfg.export.hub_private)
+            logger.info("model pushed to %s", url)
     accelerator.wait_for_everyone()
     return model_dir
 
