@@ -16,6 +16,7 @@ from ..models.stock import Autoencoder
 from .options import EncodeOptions
 
 FORMAT_VERSION = 1
+LOCK_NAME = ".lock"  # held by the encode writing the folder (runtime.try_lock)
 
 
 def model_fingerprint(model: Autoencoder) -> str:
@@ -77,7 +78,7 @@ def _differences(old: Dict[str, Any], new: Dict[str, Any], prefix: str = "") -> 
 def prepare_output(output_dir: Path, identity: Dict[str, Any], overwrite: bool) -> str:
     """'fresh', 'resume' or 'complete'; refuses to mix two different encodes in one directory."""
     config_path = output_dir / "encode_config.json"
-    if overwrite or not output_dir.exists() or not any(output_dir.iterdir()):
+    if overwrite or not output_dir.exists() or not any(p.name != LOCK_NAME for p in output_dir.iterdir()):
         return "fresh"
     if not config_path.is_file():
         raise ConfigError(f"{output_dir} is not empty and holds no latent_vae encode; choose a new --output-dir")

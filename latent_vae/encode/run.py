@@ -11,21 +11,26 @@ per row), encodes them in batches and writes a ``datasets``-loadable directory::
 
 Resumable and loss-free: the inputs are cut into fixed shards of ``shard_size`` consecutive
 indices; shard ``j`` belongs to process ``j mod P`` and counts as done once its manifest exists
-(``storage.ShardStore``). A killed run restarted with the same settings (any number of
-processes) redoes only the shards without a manifest. The merge checks that every input index
-appears exactly once, as a row or as a failure.
+(``storage.ShardStore``) and its data matches the SHA-256 recorded there. A killed run restarted
+with the same settings (any number of processes) redoes only the shards that are not done, a
+shard truncated or garbled on disk included (named in a warning). The merge verifies every shard
+again and checks that every input index appears exactly once, as a row or as a failure.
+
+One encode, one writer: the main process holds an exclusive lock on ``OUTPUT/.lock`` for the
+whole run (``runtime.try_lock``: the kernel drops it when the process dies, even by SIGKILL).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import IO, Any, Dict, List, Optional, Set, Tuple, Union
 
 import numpy as np
 import torch
@@ -36,13 +41,15 @@ from ..errors import ConfigError, DataError
 from ..models.loading import load_autoencoder
 from ..models.stock import Autoencoder, downsample_factor, is_vq, latent_channels
 from ..models.tiling import configure_tiling
-from ..runtime import atomic_write_bytes, atomic_write_json, fsync_path, resolve_precision
+from ..runtime import atomic_write_bytes, atomic_write_json, fsync_path, resolve_precision, try_lock
 from ..seeding import derive_seed
 from .encoder import LatentEncoder
-from .identity import model_path, prepare_output, run_identity
+from .identity import LOCK_NAME, model_path, prepare_output, run_identity
 from .options import EncodeOptions
 from .preprocess import EncodeInputs, Preprocessing, bucket_sizes, collate_by_size
 from .storage import ShardAssembler, ShardStore, output_features, passthrough_dataset
+
+logger = logging.getLogger("latent_vae")
 
 OUTPUT_FILES = ("encode_config.json", "failures.jsonl", "summary.json", "dataset_info.json", "state.json")
 
@@ -146,13 +153,56 @@ def encode_dataset(model: Union[str, Path, Autoencoder], data: Union[str, Path, 
     except OSError as err:
         raise ConfigError(f"output directory {output_dir} cannot be created ({err.strerror}); "
                           "choose another --output-dir") from None
+    lock = _claim_output(output_dir, accelerator)
+    try:
+        return _encode_into(output_dir, vae, source, scan_failures, identity, opts, precision, accelerator, device,
+                            model, started)
+    finally:
+        if lock is not None:
+            lock.close()  # the folder is free for the next writer
+
+
+def _claim_output(output_dir: Path, accelerator) -> Optional[IO]:
+    """One encode, one writer: the main process takes the exclusive lock of ``output_dir``; every
+    process learns whether it did, so none waits in a collective for a process that gave up."""
+    from accelerate.utils import broadcast_object_list
+
+    lock = try_lock(output_dir / LOCK_NAME) if accelerator.is_main_process else None
+    if broadcast_object_list([accelerator.is_main_process and lock is None])[0]:
+        raise ConfigError(f"another encode is writing to {output_dir} (it holds {output_dir / LOCK_NAME}); "
+                          "wait for it to finish or choose another --output-dir")
+    return lock
+
+
+def _verified_shards(store: ShardStore, accelerator) -> Set[int]:
+    """The shards that are done: verified once, by the main process, and shared with all (every
+    process must skip the same ones). A shard whose files do not verify is named and redone."""
+    from accelerate.utils import broadcast_object_list
+
+    done: List[int] = []
+    if accelerator.is_main_process:
+        for shard in range(store.num_shards):
+            problem = store.verify(shard)
+            if problem is None:
+                done.append(shard)
+            elif problem != "not written":
+                logger.warning("encode: redoing shard %d of %s: %s", shard, store.root, problem)
+    return set(broadcast_object_list([done])[0])
+
+
+def _encode_into(output_dir: Path, vae: Autoencoder, source: ImageSource, scan_failures: List[Failure],
+                 identity: Dict[str, Any], opts: EncodeOptions, precision: str, accelerator, device: torch.device,
+                 model: Union[str, Path, Autoencoder], started: float) -> EncodeSummary:
+    """The run proper, in a folder this job holds the lock of: start, resume or return a finished encode."""
+    from accelerate.utils import broadcast_object_list
+
     state = prepare_output(output_dir, identity, opts.overwrite)
     accelerator.wait_for_everyone()  # every process has read the old state before it changes
     if state == "complete":
         return _read_summary(output_dir)
     store = ShardStore(output_dir, opts.shard_size, len(source))
-    resumed = sum(len(store.indices(j)) for j in range(store.num_shards) if store.is_done(j)) \
-        if state == "resume" else 0
+    done = _verified_shards(store, accelerator) if state == "resume" else set()
+    resumed = sum(len(store.indices(j)) for j in done)
     factor = downsample_factor(vae)
     if state == "fresh" and accelerator.is_main_process:
         _clear_outputs(output_dir)
@@ -169,18 +219,24 @@ def encode_dataset(model: Union[str, Path, Autoencoder], data: Union[str, Path, 
     passthrough = passthrough_dataset(source)
     features, renamed = output_features(opts, encoder.vq, passthrough.features if passthrough is not None else {})
     mine = [j for j in range(accelerator.process_index, store.num_shards, accelerator.num_processes)
-            if not store.is_done(j)]
+            if j not in done]
     inputs = EncodeInputs(source, Preprocessing(opts.resolution, opts.buckets, opts.upscale, factor))
     timing = _encode_shards(encoder, inputs, ShardAssembler(store, source, opts, features, renamed), mine, opts,
                             device, show_progress=opts.progress and accelerator.is_main_process)
 
     # ---------------------------------------------------------------- merge, once every shard is written
     accelerator.wait_for_everyone()
+    problem = None
     if accelerator.is_main_process:
-        _merge(output_dir, store, source, scan_failures, features, opts.keep_shards, **timing, resumed=resumed,
-               fp32_retries=encoder.fp32_retries, seconds=time.perf_counter() - started,
-               compile_failure=encoder.compile_failure)
-    accelerator.wait_for_everyone()
+        try:
+            _merge(output_dir, store, source, scan_failures, features, opts.keep_shards, **timing, resumed=resumed,
+                   fp32_retries=encoder.fp32_retries, seconds=time.perf_counter() - started,
+                   compile_failure=encoder.compile_failure)
+        except DataError as err:
+            problem = str(err)
+    problem = broadcast_object_list([problem])[0]  # every process ends the same way
+    if problem:
+        raise DataError(problem)
     return _read_summary(output_dir)
 
 
@@ -230,9 +286,12 @@ def _merge(output_dir: Path, store: ShardStore, source: ImageSource, scan_failur
     input is there exactly once (as a row or a failure), then mark the run complete."""
     import datasets
 
-    missing = [j for j in range(store.num_shards) if not store.is_done(j)]
-    if missing:
-        raise RuntimeError(f"shards {missing[:5]} of {output_dir} were not written; rerun the same command to finish")
+    problems = {j: store.verify(j) for j in range(store.num_shards)}
+    bad = {j: problem for j, problem in problems.items() if problem is not None}
+    if bad:  # never merged: the rerun redoes exactly these shards
+        shard, problem = next(iter(bad.items()))
+        raise DataError(f"{len(bad)} shards of {output_dir} are not usable (shard {shard}: {problem}); "
+                        "rerun the same command to redo them")
     manifests = [store.manifest(j) for j in range(store.num_shards)]
     parts = [datasets.Dataset.from_file(str(store.data_path(j))) for j, m in enumerate(manifests) if m["rows"]]
     failures = [f for m in manifests for f in m["failures"]]

@@ -5,8 +5,10 @@ stored as its raw bit pattern in int16 (Arrow has no bfloat16); ``latent_to_tens
 any stored value back into a tensor, exactly.
 
 A shard (``shards/shard-000012.arrow``) is written to a temporary name and renamed, then its
-manifest (``shard-000012.json``: row count and failures) is written the same way; a shard
-counts as done only when its manifest exists.
+manifest (``shard-000012.json``: row count, failures and the SHA-256 of the data file) is written
+the same way; a shard counts as done only when its manifest parses and the data file matches the
+recorded SHA-256 (``ShardStore.verify``), so a file truncated or garbled after it was written is
+redone, never merged.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import numpy as np
 import torch
 
 from ..data.sources import ImageSource
-from ..runtime import atomic_write_bytes, atomic_write_json
+from ..runtime import atomic_write_bytes, atomic_write_json, file_digest
 from .options import EncodeOptions
 
 if TYPE_CHECKING:  # imported where used: `import latent_vae` stays light
@@ -111,23 +113,46 @@ class ShardStore:
     def manifest_path(self, shard: int) -> Path:
         return self.root / f"shard-{shard:06d}.json"
 
-    def is_done(self, shard: int) -> bool:
-        return self.manifest_path(shard).is_file()
-
     def manifest(self, shard: int) -> Dict[str, Any]:
         return json.loads(self.manifest_path(shard).read_text())
+
+    def verify(self, shard: int) -> Optional[str]:
+        """Why ``shard`` is not done, or None: no manifest, a manifest that does not parse or lacks
+        the data file's SHA-256, or a data file that is missing or differs from it (truncated,
+        garbled, overwritten)."""
+        if not self.manifest_path(shard).is_file():
+            return "not written"
+        try:
+            manifest = self.manifest(shard)
+            rows, expected = int(manifest["rows"]), manifest["sha256"]
+            if not isinstance(manifest["failures"], list):
+                raise TypeError("failures is not a list")
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            return f"its manifest {self.manifest_path(shard).name} is unreadable ({type(err).__name__})"
+        if rows == 0:
+            return None
+        path = self.data_path(shard)
+        try:
+            actual = file_digest(path)
+        except OSError as err:
+            return f"{path.name} is unreadable ({err.strerror})"
+        if actual != expected:
+            return f"{path.name} does not match the SHA-256 in its manifest (truncated or corrupted on disk)"
+        return None
 
     def write(self, shard: int, table, failures: List[Dict[str, Any]]) -> None:
         import pyarrow as pa
 
         self.root.mkdir(parents=True, exist_ok=True)
+        digest = None
         if table.num_rows:
             def write_stream(handle):
                 with pa.ipc.new_stream(handle, table.schema) as writer:
                     writer.write_table(table)
 
-            atomic_write_bytes(self.data_path(shard), write_stream)
-        atomic_write_json(self.manifest_path(shard), {"shard": shard, "rows": table.num_rows, "failures": failures})
+            digest = file_digest(atomic_write_bytes(self.data_path(shard), write_stream))
+        atomic_write_json(self.manifest_path(shard), {"shard": shard, "rows": table.num_rows, "failures": failures,
+                                                      "sha256": digest})
 
 
 class ShardAssembler:
