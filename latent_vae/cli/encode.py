@@ -18,7 +18,7 @@ of the source dataset (captions, labels); VQ models add the token ids.
 examples:
   latent-vae encode --model runs/kl-f8/model --data /my/images --output-dir latents/ --resolution 256
   latent-vae encode --model stabilityai/sd-vae-ft-mse --data my_org/my_dataset --image-column image \\
-      --output-dir latents/ --dtype bf16
+      --output-dir latents/ --dtype fp16 --layout diffusers
   latent-vae encode --model runs/kl-f8/model --data /my/images --output-dir latents/ \\
       --resolution 1024 --buckets sdxl --latent sample --seed 0
   accelerate launch -m latent_vae encode --model runs/kl-f8/model --data /my/images --output-dir latents/
@@ -27,7 +27,9 @@ Killed or pre-empted? Run the same command again: finished shards are kept, the 
 redone, and the result has exactly one row per readable input. Unreadable inputs are listed
 in OUTPUT_DIR/failures.jsonl; the last line printed gives read / encoded / failed.
 Latents are stored unscaled: multiply by scaling_factor (after subtracting shift_factor) when
-training a diffusion model; `latent-vae stats` computes both. See docs/ENCODING.md.
+training a diffusion model; `latent-vae stats` computes both. --layout diffusers also writes
+them scaled as `model_input`, with `original_sizes` and `crop_top_lefts`: the columns diffusers'
+SDXL training script reads. See docs/ENCODING.md.
 """
 
 
@@ -46,6 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="square crop size, or with --buckets the bucket area resolution² (default: 256)")
     prep.add_argument("--buckets", choices=("none", "sdxl"), default="none",
                       help="sdxl: SDXL's 40 aspect-ratio buckets scaled to --resolution; none: square crops")
+    prep.add_argument("--patch-size", type=int, default=2,
+                      help="the denoiser's patch size in latent pixels: crop and bucket sides are multiples of it × "
+                      "the VAE factor (2: DiT, SD3, FLUX and UNets; 1: any side the VAE takes) (default: 2)")
     prep.add_argument("--no-upscale", dest="upscale", action="store_false",
                       help="skip (and list) images smaller than their crop instead of upscaling them")
 
@@ -54,8 +59,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="mean: posterior mean; mean_logvar: also the log-variance; sample: a posterior "
                      "sample with its per-row seed (default: mean)")
     out.add_argument("--seed", type=int, default=0, help="base seed of --latent sample (default: 0)")
-    out.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
-                     help="storage: fp32, fp16, or bf16 stored as its int16 bit pattern (default: fp32)")
+    out.add_argument("--dtype", default="fp32",
+                     help="storage: fp32 or fp16 (2 bytes; a latent beyond ±65504 is listed as a failure). bf16 is "
+                     "refused: Arrow has no bfloat16 (default: fp32)")
+    out.add_argument("--layout", choices=("default", "diffusers"), default="default",
+                     help="default: the unscaled latent; diffusers: also model_input (scaled as the model's pipeline "
+                     "expects), original_sizes and crop_top_lefts, as diffusers' SDXL training script reads them "
+                     "(default: default)")
     out.add_argument("--shard-size", type=int, default=256,
                      help="images per shard: the unit of resume, held in memory until written (default: 256)")
     out.add_argument("--overwrite", action="store_true", help="replace an earlier encode in --output-dir")
@@ -82,8 +92,9 @@ def run(args: argparse.Namespace) -> int:
     speed = {"num_workers": args.num_workers} if args.num_workers is not None else {}
     summary = encode_dataset(
         args.model, args.data, args.output_dir, subfolder=args.subfolder, image_column=args.image_column,
-        split=args.split, resolution=args.resolution, buckets=args.buckets, upscale=args.upscale,
-        latent=args.latent, seed=args.seed, dtype=args.dtype, shard_size=args.shard_size, overwrite=args.overwrite,
+        split=args.split, resolution=args.resolution, buckets=args.buckets, patch_size=args.patch_size,
+        upscale=args.upscale, latent=args.latent, seed=args.seed, dtype=args.dtype, layout=args.layout,
+        shard_size=args.shard_size, overwrite=args.overwrite,
         keep_shards=args.keep_shards, batch_size=args.batch_size, **speed,
         precision=args.precision, channels_last=args.channels_last, compile=args.compile,
         compile_backend=args.compile_backend, tiled=args.tiled,

@@ -49,6 +49,19 @@ def model_path(model: Union[str, Path, Autoencoder]) -> Optional[str]:
     return str(local.resolve()) if local.exists() else str(name)
 
 
+def diffusion_scaling(vae: Autoencoder) -> Dict[str, Any]:
+    """The config fields by which ``model_input`` was made from ``latent``, as diffusers pipelines
+    apply them (``models.stock.to_diffusion_latents``)."""
+    config = vae.config
+    fields = {name: config.get(name) for name in ("scaling_factor", "shift_factor", "latents_mean", "latents_std")}
+    if fields["latents_mean"] is not None and fields["latents_std"] is not None:
+        formula = "model_input = (latent - latents_mean) * scaling_factor / latents_std (per channel)"
+    else:
+        formula = "model_input = (latent - shift_factor) * scaling_factor" if fields["shift_factor"] \
+            else "model_input = latent * scaling_factor"
+    return {**fields, "formula": formula}
+
+
 def run_identity(vae: Autoencoder, source: ImageSource, opts: EncodeOptions, precision: str) -> Dict[str, Any]:
     """Everything that determines the rows: a resumed run must match it exactly."""
     return {
@@ -56,8 +69,11 @@ def run_identity(vae: Autoencoder, source: ImageSource, opts: EncodeOptions, pre
         "model": {"class": type(vae).__name__, "weights_sha256": model_fingerprint(vae)},
         "data": {"source": str(source.name), "inputs": len(source), "fingerprint": source_fingerprint(source),
                  "image_column": opts.image_column, "split": opts.split},
-        "preprocessing": {"resolution": opts.resolution, "buckets": opts.buckets, "upscale": opts.upscale},
+        "preprocessing": {"resolution": opts.resolution, "buckets": opts.buckets, "patch_size": opts.patch_size,
+                          "upscale": opts.upscale},
         "latent": {"mode": opts.latent, "seed": opts.seed, "dtype": opts.dtype, "precision": precision,
+                   "layout": opts.layout,
+                   "diffusion_scaling": diffusion_scaling(vae) if opts.layout == "diffusers" else None,
                    "tiled": opts.tiled, "tile_size": opts.tile_size if opts.tiled else None,
                    "tile_overlap": opts.tile_overlap if opts.tiled else None},
         "shard_size": opts.shard_size,

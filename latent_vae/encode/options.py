@@ -10,8 +10,11 @@ from ..errors import ConfigError, check_choice, check_positive
 from ..runtime import PRECISIONS
 
 LATENT_MODES = ("mean", "mean_logvar", "sample")
-STORAGE_DTYPES = ("fp32", "fp16", "bf16")
+STORAGE_DTYPES = ("fp32", "fp16")
 BUCKET_MODES = ("none", "sdxl")
+# default: the raw latents; diffusers: also `model_input` (the scaled latents) and the
+# per-row fields under the names diffusers' SDXL training script reads.
+LAYOUTS = ("default", "diffusers")
 
 
 @dataclass
@@ -21,10 +24,12 @@ class EncodeOptions:
 
     resolution: int = 256
     buckets: str = "none"
+    patch_size: int = 2  # sides are multiples of patch_size × the VAE factor: patch-2 transformers accept them
     upscale: bool = True
     latent: str = "mean"
     seed: int = 0
     dtype: str = "fp32"
+    layout: str = "default"
     precision: str = "auto"
     tiled: bool = False
     tile_size: Optional[int] = None
@@ -48,10 +53,15 @@ class EncodeOptions:
     def validate(self) -> None:
         """Named by their command-line flags: that is how a user sets them."""
         check_choice("--latent", self.latent, LATENT_MODES)
+        if self.dtype == "bf16":
+            raise ConfigError("--dtype bf16 is not offered: Arrow has no bfloat16, and bf16 stored as int16 bit "
+                              "patterns loads as integers a training script would use as numbers; use --dtype fp16 "
+                              "(the same 2 bytes, finer steps) or fp32")
         check_choice("--dtype", self.dtype, STORAGE_DTYPES)
+        check_choice("--layout", self.layout, LAYOUTS)
         check_choice("--precision", self.precision, PRECISIONS)
         check_choice("--buckets", self.buckets, BUCKET_MODES)
-        for name in ("resolution", "batch_size", "shard_size"):
+        for name in ("resolution", "patch_size", "batch_size", "shard_size"):
             if getattr(self, name) is not None:
                 check_positive(f"--{name.replace('_', '-')}", getattr(self, name))
         if not 0.0 < self.tile_overlap < 1.0:

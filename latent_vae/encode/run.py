@@ -104,9 +104,12 @@ def _load_inputs(model: Union[str, Path, Autoencoder], data: Union[str, Path, Im
         raise ConfigError(f"--latent {opts.latent} needs a KL posterior; {type(vae).__name__} has none: "
                           "use --latent mean")
     factor = downsample_factor(vae)
-    if opts.resolution % factor:
-        raise ConfigError(f"--resolution {opts.resolution} is not a multiple of the model's downsampling factor "
-                          f"{factor}; use {opts.resolution // factor * factor or factor}")
+    multiple = factor * opts.patch_size
+    if opts.resolution % multiple:
+        raise ConfigError(f"--resolution {opts.resolution} is not a multiple of {multiple} (the model's downsampling "
+                          f"factor {factor} × --patch-size {opts.patch_size}); use "
+                          f"{opts.resolution // multiple * multiple or multiple}, or --patch-size 1 for a denoiser "
+                          "that takes any latent size")
     if opts.tiled:
         configure_tiling(vae, opts.tile_size, opts.tile_overlap)
     if isinstance(data, ImageSource):
@@ -204,23 +207,27 @@ def _encode_into(output_dir: Path, vae: Autoencoder, source: ImageSource, scan_f
     done = _verified_shards(store, accelerator) if state == "resume" else set()
     resumed = sum(len(store.indices(j)) for j in done)
     factor = downsample_factor(vae)
+    multiple = factor * opts.patch_size
     if state == "fresh" and accelerator.is_main_process:
         _clear_outputs(output_dir)
         atomic_write_json(output_dir / "encode_config.json", {
             "identity": identity, "model_path": model_path(model), "subfolder": opts.subfolder,
             "latent_channels": latent_channels(vae), "downsample_factor": factor,
-            "buckets": [list(b) for b in bucket_sizes(opts.resolution, factor)] if opts.buckets == "sdxl" else None,
+            "buckets": [list(b) for b in bucket_sizes(opts.resolution, multiple)] if opts.buckets == "sdxl" else None,
         })
     accelerator.wait_for_everyone()
 
     # ---------------------------------------------------------------- this process's shards
     vae.to(device)
-    encoder = LatentEncoder(vae, opts.latent, precision, opts.channels_last, opts.compile, opts.compile_backend)
+    encoder = LatentEncoder(vae, opts.latent, precision, opts.channels_last, opts.compile, opts.compile_backend,
+                            diffusion_input=opts.layout == "diffusers")
     passthrough = passthrough_dataset(source)
-    features, renamed = output_features(opts, encoder.vq, passthrough.features if passthrough is not None else {})
+    side = opts.resolution // factor
+    features, renamed = output_features(opts, encoder.vq, passthrough.features if passthrough is not None else {},
+                                        None if opts.buckets == "sdxl" else (latent_channels(vae), side, side))
     mine = [j for j in range(accelerator.process_index, store.num_shards, accelerator.num_processes)
             if j not in done]
-    inputs = EncodeInputs(source, Preprocessing(opts.resolution, opts.buckets, opts.upscale, factor))
+    inputs = EncodeInputs(source, Preprocessing(opts.resolution, opts.buckets, opts.upscale, multiple))
     timing = _encode_shards(encoder, inputs, ShardAssembler(store, source, opts, features, renamed), mine, opts,
                             device, show_progress=opts.progress and accelerator.is_main_process)
 
@@ -229,7 +236,8 @@ def _encode_into(output_dir: Path, vae: Autoencoder, source: ImageSource, scan_f
     problem = None
     if accelerator.is_main_process:
         try:
-            _merge(output_dir, store, source, scan_failures, features, opts.keep_shards, **timing, resumed=resumed,
+            _merge(output_dir, store, source, scan_failures, features, opts.keep_shards, _description(identity),
+                   **timing, resumed=resumed,
                    fp32_retries=encoder.fp32_retries, seconds=time.perf_counter() - started,
                    compile_failure=encoder.compile_failure)
         except DataError as err:
@@ -280,8 +288,21 @@ def _encode_shards(encoder: LatentEncoder, inputs: EncodeInputs, assembler: Shar
     return {"images_per_second": total / elapsed, "data_wait_fraction": waited / elapsed}
 
 
+def _description(identity: Dict[str, Any]) -> str:
+    """The dataset's own description (``dataset_info.json``): what the rows are, and for the
+    diffusers layout the scale and shift that made ``model_input`` from ``latent``."""
+    latent = identity["latent"]
+    text = (f"latent_vae encode of {identity['data']['source']} with a {identity['model']['class']} "
+            f"(weights SHA-256 {identity['model']['weights_sha256'][:16]}...): latent = {latent['mode']} "
+            f"(unscaled), stored as {latent['dtype']}.")
+    if latent["diffusion_scaling"]:
+        text += f" {latent['diffusion_scaling']['formula']}; " + json.dumps(
+            {k: v for k, v in latent["diffusion_scaling"].items() if k != "formula"}, sort_keys=True)
+    return text
+
+
 def _merge(output_dir: Path, store: ShardStore, source: ImageSource, scan_failures: List[Failure], features,
-           keep_shards: bool, **summary_fields: Any) -> None:
+           keep_shards: bool, description: str, **summary_fields: Any) -> None:
     """Concatenate the shards in index order into one ``datasets`` directory, check that every
     input is there exactly once (as a row or a failure), then mark the run complete."""
     import datasets
@@ -302,10 +323,10 @@ def _merge(output_dir: Path, store: ShardStore, source: ImageSource, scan_failur
 
     staging = output_dir / ".merge-tmp"
     shutil.rmtree(staging, ignore_errors=True)
-    if parts:
-        datasets.concatenate_datasets(parts).save_to_disk(str(staging), max_shard_size="1GB")
-    else:  # every input failed: an empty dataset with the right columns
-        datasets.Dataset.from_dict({name: [] for name in features}, features=features).save_to_disk(str(staging))
+    merged = datasets.concatenate_datasets(parts) if parts else \
+        datasets.Dataset.from_dict({name: [] for name in features}, features=features)  # every input failed
+    merged.info.description = description
+    merged.save_to_disk(str(staging), max_shard_size="1GB")
     # The dataset's files join the run's own files in output_dir, so this is a per-file move, not a
     # folder swap (runtime.replace_dir); a kill part-way leaves no summary.json, and the rerun merges again.
     for old in [*output_dir.glob("data-*.arrow"), output_dir / "dataset_info.json", output_dir / "state.json"]:

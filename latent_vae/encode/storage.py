@@ -1,8 +1,9 @@
 """How encoded rows are stored: the storage dtypes, the output columns, and the shards of a run.
 
-Rows hold the latent as nested lists ``(C, h, w)`` in the storage dtype: fp32, fp16, or bf16
-stored as its raw bit pattern in int16 (Arrow has no bfloat16); ``latent_to_tensor`` turns
-any stored value back into a tensor, exactly.
+Latents are fixed-shape arrays (``datasets.Array3D``, tokens ``Array2D``) in the storage dtype,
+float32 or float16, so ``with_format("torch")`` gives float tensors of the right shape; with
+aspect-ratio buckets, where the shape changes from row to row, nested lists (``C, h, w``).
+``latent_to_tensor`` turns any stored value back into a tensor, exactly.
 
 A shard (``shards/shard-000012.arrow``) is written to a temporary name and renamed, then its
 manifest (``shard-000012.json``: row count, failures and the SHA-256 of the data file) is written
@@ -29,23 +30,37 @@ if TYPE_CHECKING:  # imported where used: `import latent_vae` stays light
     import datasets
     import pyarrow
 
+VALUE_TYPES = {"fp32": "float32", "fp16": "float16"}
+ARRAY_COLUMNS = ("latent", "logvar", "model_input", "tokens")
+# The per-row preprocessing record under the names a layout gives it: diffusers' SDXL training
+# script reads `original_sizes` and `crop_top_lefts` (plural) per row.
+RECORD_COLUMNS = {
+    "default": {"original_size": "original_size", "crop_top_left": "crop_top_left"},
+    "diffusers": {"original_size": "original_sizes", "crop_top_left": "crop_top_lefts"},
+}
+RECORD_KEYS = ("original_size", "resized_size", "crop_top_left", "target_size", "upscaled")
+
 
 def to_storage(latents: torch.Tensor, dtype: str) -> np.ndarray:
-    """fp32 latents -> the stored array: float32, float16, or bf16's bit pattern as int16."""
-    if dtype == "fp32":
-        return latents.float().numpy()
-    if dtype == "fp16":
-        return latents.half().numpy()
-    return latents.bfloat16().view(torch.int16).numpy()
+    """fp32 latents -> the stored array: float32 or float16."""
+    return latents.half().numpy() if dtype == "fp16" else latents.float().numpy()
 
 
 def latent_to_tensor(value: Any, dtype: str) -> torch.Tensor:
     """A stored latent (nested lists, numpy array or tensor, any ``datasets`` format) -> a tensor
-    of exactly the stored values: float32, float16 or bfloat16 for ``dtype`` fp32/fp16/bf16."""
+    of exactly the stored values: float32 or float16 for ``dtype`` fp32/fp16."""
     array = np.asarray(value.numpy() if isinstance(value, torch.Tensor) else value)
-    if dtype == "bf16":
-        return torch.from_numpy(array.astype(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(array.astype(np.float16 if dtype == "fp16" else np.float32))
+
+
+def flat_values(column: "pyarrow.ChunkedArray") -> np.ndarray:
+    """Every value of a latent column (``Array3D`` or nested lists), flattened in row order."""
+    import pyarrow as pa
+
+    array = column.combine_chunks()
+    if isinstance(array, pa.ExtensionArray):
+        array = array.storage
+    return array.flatten().flatten().flatten().to_numpy(zero_copy_only=False)
 
 
 def _nested_lists(array: np.ndarray) -> "pyarrow.Array":
@@ -60,26 +75,42 @@ def _nested_lists(array: np.ndarray) -> "pyarrow.Array":
     return nested
 
 
-def _value_type(dtype: str) -> str:
-    return {"fp32": "float32", "fp16": "float16", "bf16": "int16"}[dtype]
+def _as_type(array: "pyarrow.Array", arrow_type: "pyarrow.DataType") -> "pyarrow.Array":
+    """``array`` as a column of ``arrow_type``, extension types (``Array3D``) included."""
+    import pyarrow as pa
+
+    if array.type == arrow_type:
+        return array
+    if isinstance(arrow_type, pa.ExtensionType):
+        return arrow_type.wrap_array(array.cast(arrow_type.storage_type))
+    return array.cast(arrow_type)
 
 
-def output_features(options: EncodeOptions, vq: bool, passthrough) -> Tuple["datasets.Features", Dict[str, str]]:
+def output_features(options: EncodeOptions, vq: bool, passthrough,
+                    latent_shape: Optional[Tuple[int, int, int]]) -> Tuple["datasets.Features", Dict[str, str]]:
     """The output columns, and the output name of each source column passed through: its own,
-    or ``source_<name>`` where it would collide with one of ours."""
-    from datasets import Features, List, Value
+    or ``source_<name>`` where it would collide with one of ours. ``latent_shape`` (C, h, w) is
+    the shape of every row's latent, or None when it changes from row to row (buckets)."""
+    from datasets import Array2D, Array3D, Features, List, Value
 
-    latent = List(List(List(Value(_value_type(options.dtype)))))
+    value = VALUE_TYPES[options.dtype]
+    if latent_shape is None:
+        latent, tokens = List(List(List(Value(value)))), List(List(Value("int32")))
+    else:
+        latent, tokens = Array3D(latent_shape, value), Array2D(latent_shape[1:], "int32")
     pair = List(Value("int32"))
     columns: Dict[str, Any] = {"id": Value("string"), "index": Value("int64"), "latent": latent}
+    if options.layout == "diffusers":
+        columns["model_input"] = latent
     if options.latent == "mean_logvar":
         columns["logvar"] = latent
     if options.latent == "sample":
         columns["sample_seed"] = Value("int64")
     if vq:
-        columns["tokens"] = List(List(Value("int32")))
-    columns.update({"latent_shape": List(Value("int32")), "original_size": pair, "resized_size": pair,
-                    "crop_top_left": pair, "target_size": pair, "upscaled": Value("bool")})
+        columns["tokens"] = tokens
+    names = RECORD_COLUMNS[options.layout]
+    columns.update({"latent_shape": List(Value("int32")), names["original_size"]: pair, "resized_size": pair,
+                    names["crop_top_left"]: pair, "target_size": pair, "upscaled": Value("bool")})
     renamed: Dict[str, str] = {}
     for name, feature in passthrough.items():
         output_name = name
@@ -174,7 +205,7 @@ class ShardAssembler:
         if self.options.dtype == "fp16":  # beyond ±65504: listed as failures, never stored as inf
             finite = np.array([np.isfinite(v.reshape(len(indices), -1)).all(axis=1) for v in rows.values()]).all(axis=0)
             for i in np.flatnonzero(~finite):
-                self._fail(indices[i], "latent exceeds the fp16 range; encode with --dtype bf16 or fp32")
+                self._fail(indices[i], "latent exceeds the fp16 range; encode with --dtype fp32")
             keep = np.flatnonzero(finite).tolist()
         if not keep:
             return
@@ -225,15 +256,16 @@ class ShardAssembler:
             "latent_shape": pa.array([list(part["latent"].shape[1:]) for part in parts
                                       for _ in part["index"]], pa.list_(pa.int32())),
         }
-        for name in ("latent", "logvar", "tokens"):
+        for name in ARRAY_COLUMNS:
             if name in parts[0]:
                 columns[name] = pa.concat_arrays([_nested_lists(part[name]) for part in parts])
         if "sample_seed" in schema.names:
             columns["sample_seed"] = pa.array([s for part in parts for s in part["seeds"]], pa.int64())
-        for key in ("original_size", "resized_size", "crop_top_left", "target_size", "upscaled"):
-            columns[key] = pa.array([r[key] for r in records])
+        names = RECORD_COLUMNS[self.options.layout]
+        for key in RECORD_KEYS:
+            columns[names.get(key, key)] = pa.array([r[key] for r in records])
         columns.update(self._passthrough(indices))
-        table = pa.Table.from_arrays([columns[name].cast(schema.field(name).type) for name in schema.names],
+        table = pa.Table.from_arrays([_as_type(columns[name], schema.field(name).type) for name in schema.names],
                                      schema=schema)
         return table.take(pa.array(np.argsort(indices, kind="stable")))
 
