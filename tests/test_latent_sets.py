@@ -3,7 +3,10 @@ faithful reimplementation of diffusers' SDXL training script's precomputed-laten
 
 from __future__ import annotations
 
+import io
 import json
+import tarfile
+from pathlib import Path
 
 import datasets
 import numpy as np
@@ -15,7 +18,7 @@ from diffusers import AutoencoderKL, DDPMScheduler
 from latent_vae.data.images import load_image
 from latent_vae.encode.preprocess import Preprocessing, bucket_sizes, to_model_input
 from latent_vae.encode.run import encode_dataset
-from latent_vae.errors import ConfigError
+from latent_vae.errors import ConfigError, DataError
 from latent_vae.interop.export import save_diffusers_model
 from latent_vae.presets import PRESETS
 
@@ -137,3 +140,117 @@ def test_buckets_give_latent_sides_patch_2_transformers_accept(tmp_path, images)
         encode(tiny_kl(), images, tmp_path / "odd", resolution=40)
     summary = encode(tiny_kl(), images, tmp_path / "patch1", resolution=40, patch_size=1)
     assert summary.encoded == 5
+
+
+# --------------------------------------------------------------------------- output formats and the Hub
+
+
+@pytest.fixture(scope="module")
+def hostile_images(tmp_path_factory):
+    """Five photos and two inputs that cannot be read."""
+    folder = tmp_path_factory.mktemp("hostile")
+    write_photo_crops(folder, count=5, size=40)
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (folder / "notes.jpg").write_text("not an image")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, hostile_images):
+    """The same encode in the default format: the rows every other format must hold."""
+    out = tmp_path_factory.mktemp("reference") / "latents"
+    encode(tiny_kl(), hostile_images, out, shard_size=3, layout="diffusers")
+    return datasets.load_from_disk(str(out))
+
+
+def test_parquet_shards_load_with_pyarrow_and_datasets(tmp_path, hostile_images, reference):
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "latents"
+    summary = encode(tiny_kl(), hostile_images, out, shard_size=3, layout="diffusers", output_format="parquet")
+    assert (summary.read, summary.encoded, summary.failed) == (7, 5, 2)
+    files = sorted((out / "data").glob("*.parquet"))
+    assert [f.name for f in files] == [f"train-{j:06d}-of-000003.parquet" for j in range(3)]
+    # The documented plain-pyarrow route: one row per readable input, in order.
+    table = pq.read_table(str(out / "data"))
+    assert table.column("id").to_pylist() == reference["id"]
+    latents = np.asarray(table.column("latent").to_pylist(), dtype=np.float32)
+    assert np.array_equal(latents, np.asarray(reference["latent"], dtype=np.float32))
+    # ... and the documented datasets route keeps the fixed-shape feature.
+    rows = datasets.load_dataset("parquet", data_files=str(out / "data" / "*.parquet"), split="train")
+    assert rows.features["model_input"] == datasets.Array3D((4, 4, 4), "float32")
+    assert rows.with_format("torch")[:5]["model_input"].shape == (5, 4, 4, 4)
+    assert sorted(json.loads(line)["id"] for line in (out / "failures.jsonl").read_text().splitlines()) == \
+        ["broken.png", "notes.jpg"]
+
+
+def test_webdataset_shards_hold_one_sample_per_readable_input(tmp_path, hostile_images, reference):
+    out = tmp_path / "latents"
+    summary = encode(tiny_kl(), hostile_images, out, shard_size=3, layout="diffusers", output_format="webdataset")
+    assert (summary.encoded, summary.failed) == (5, 2)
+    samples = {}
+    for shard in sorted((out / "data").glob("train-*.tar")):
+        with tarfile.open(shard) as tar:
+            for member in tar.getmembers():
+                key, field = member.name.split(".", 1)
+                samples.setdefault(key, {})[field] = tar.extractfile(member).read()
+    assert len(samples) == 5 and all(set(s) == {"latent.npy", "model_input.npy", "json"} for s in samples.values())
+    for key, ref in zip(sorted(samples), reference):
+        record = json.loads(samples[key]["json"])
+        assert record["id"] == ref["id"] and int(key) == record["index"] == ref["index"]
+        assert record["original_sizes"] == ref["original_sizes"] and record["crop_top_lefts"] == ref["crop_top_lefts"]
+        latent = np.load(io.BytesIO(samples[key]["latent.npy"]))
+        assert latent.dtype == np.float32 and np.array_equal(latent, np.asarray(ref["latent"], dtype=np.float32))
+
+
+class FakeHub:
+    """huggingface_hub.HfApi without the network: a repository is a local folder."""
+
+    root = None
+    fail = False
+
+    def create_repo(self, repo_id, repo_type=None, private=False, exist_ok=False):
+        assert repo_type == "dataset" and exist_ok
+        (FakeHub.root / repo_id).mkdir(parents=True, exist_ok=True)
+
+    def upload_folder(self, folder_path, repo_id, repo_type=None, allow_patterns=None, commit_message=None):
+        import fnmatch
+        import shutil
+
+        if FakeHub.fail:
+            raise ConnectionError("no route to huggingface.co")
+        for path in Path(folder_path).rglob("*"):
+            relative = path.relative_to(folder_path).as_posix()
+            if path.is_file() and any(fnmatch.fnmatch(relative, p) for p in allow_patterns):
+                (FakeHub.root / repo_id / relative).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(path, FakeHub.root / repo_id / relative)
+
+
+@pytest.mark.parametrize("output_format", ["datasets", "parquet"])
+def test_push_to_hub_uploads_the_shards_and_a_card(tmp_path, images, monkeypatch, output_format):
+    import huggingface_hub
+
+    FakeHub.root, FakeHub.fail = tmp_path / "hub", True
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHub)
+    out = tmp_path / "latents"
+    options = dict(output_format=output_format, push_to_hub="me/my-latents", shard_size=2)
+    with pytest.raises(DataError, match="me/my-latents failed .*rerun the same command to retry"):
+        encode(tiny_kl(), images, out, **options)
+    assert (out / "summary.json").is_file()  # the encode itself is complete
+    FakeHub.fail = False
+    assert encode(tiny_kl(), images, out, **options).encoded == 5  # the rerun only uploads
+    repo = FakeHub.root / "me" / "my-latents"
+    card = (repo / "README.md").read_text()
+    assert card.startswith("---\ntags:") and "path: data/*.parquet" in card
+    assert "| rows | 5 of 5 inputs" in card and "scaling_factor" in card and str(tmp_path) not in card
+    rows = datasets.load_dataset("parquet", data_files=str(repo / "data" / "*.parquet"), split="train")
+    assert rows["id"] == sorted(p.name for p in images.glob("*.png"))
+
+
+def test_webdataset_refuses_source_columns_json_cannot_hold(tmp_path, images):
+    files = sorted(images.glob("*.png"))[:2]
+    source = datasets.Dataset.from_dict({"image": [str(f) for f in files], "thumbnail": [b"\x00\x01", b"\x02"]})
+    source.cast_column("image", datasets.Image()).save_to_disk(str(tmp_path / "dataset"))
+    with pytest.raises(ConfigError, match="thumbnail.*not JSON.*--format parquet"):
+        encode(tiny_kl(), tmp_path / "dataset", tmp_path / "latents", output_format="webdataset")
+    assert not (tmp_path / "latents").exists()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from . import add_tiling_arguments
 
-HELP = "encode an image folder or dataset to latents (a datasets folder), resumable, multi-GPU"
+HELP = "encode an image folder or dataset to latents (datasets, parquet or webdataset), resumable, multi-GPU"
 DESCRIPTION = """\
 Encode every image of a folder or Hugging Face dataset with a diffusers AutoencoderKL or
 VQModel, and write a dataset that datasets.load_from_disk(OUTPUT_DIR) reads: per row the
@@ -66,6 +66,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="default: the unscaled latent; diffusers: also model_input (scaled as the model's pipeline "
                      "expects), original_sizes and crop_top_lefts, as diffusers' SDXL training script reads them "
                      "(default: default)")
+    out.add_argument("--format", dest="output_format", choices=("datasets", "parquet", "webdataset"),
+                     default="datasets",
+                     help="datasets: one save_to_disk folder; parquet: data/train-*.parquet shards; webdataset: "
+                     "data/train-*.tar shards (<key>.latent.npy, <key>.json) (default: datasets)")
+    out.add_argument("--push-to-hub", metavar="REPO",
+                     help="upload the finished latent set and its dataset card to this Hugging Face dataset repository")
+    out.add_argument("--hub-private", action="store_true", help="create the --push-to-hub repository as private")
     out.add_argument("--shard-size", type=int, default=256,
                      help="images per shard: the unit of resume, held in memory until written (default: 256)")
     out.add_argument("--overwrite", action="store_true", help="replace an earlier encode in --output-dir")
@@ -94,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
         args.model, args.data, args.output_dir, subfolder=args.subfolder, image_column=args.image_column,
         split=args.split, resolution=args.resolution, buckets=args.buckets, patch_size=args.patch_size,
         upscale=args.upscale, latent=args.latent, seed=args.seed, dtype=args.dtype, layout=args.layout,
+        output_format=args.output_format, push_to_hub=args.push_to_hub, hub_private=args.hub_private,
         shard_size=args.shard_size, overwrite=args.overwrite,
         keep_shards=args.keep_shards, batch_size=args.batch_size, **speed,
         precision=args.precision, channels_last=args.channels_last, compile=args.compile,
@@ -108,7 +116,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"resumed: {summary.resumed} inputs were already done by an earlier run")
     if summary.fp32_retries:
         print(f"fp16 overflow: {summary.fp32_retries} batches recomputed in fp32")
-    print(f"latents: {summary.output_dir} (datasets.load_from_disk), {summary.images_per_second:.1f} images/s")
+    how = {"datasets": "datasets.load_from_disk", "parquet": "parquet shards in data/",
+           "webdataset": "webdataset tar shards in data/"}[args.output_format]
+    print(f"latents: {summary.output_dir} ({how}), {summary.images_per_second:.1f} images/s")
+    if args.push_to_hub:
+        print(f"uploaded to https://huggingface.co/datasets/{args.push_to_hub}")
     failures = f" (listed in {summary.failures_path})" if summary.failed else ""
     print(f"read {summary.read}, encoded {summary.encoded}, failed {summary.failed}{failures}")
     return 0

@@ -15,7 +15,7 @@ from ..errors import ConfigError
 from ..models.stock import Autoencoder
 from .options import EncodeOptions
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: shard manifests hold SHA-256 and indices; Array3D latents
 LOCK_NAME = ".lock"  # held by the encode writing the folder (runtime.try_lock)
 
 
@@ -77,6 +77,7 @@ def run_identity(vae: Autoencoder, source: ImageSource, opts: EncodeOptions, pre
                    "tiled": opts.tiled, "tile_size": opts.tile_size if opts.tiled else None,
                    "tile_overlap": opts.tile_overlap if opts.tiled else None},
         "shard_size": opts.shard_size,
+        "output_format": opts.output_format,
     }
 
 

@@ -8,6 +8,7 @@ from typing import Optional
 
 from ..errors import ConfigError, check_choice, check_positive
 from ..runtime import PRECISIONS
+from .formats import OUTPUT_FORMATS
 
 LATENT_MODES = ("mean", "mean_logvar", "sample")
 STORAGE_DTYPES = ("fp32", "fp16")
@@ -30,6 +31,7 @@ class EncodeOptions:
     seed: int = 0
     dtype: str = "fp32"
     layout: str = "default"
+    output_format: str = "datasets"
     precision: str = "auto"
     tiled: bool = False
     tile_size: Optional[int] = None
@@ -48,6 +50,8 @@ class EncodeOptions:
     device: Optional[str] = None
     overwrite: bool = False
     keep_shards: bool = False
+    push_to_hub: Optional[str] = None  # a dataset repository id: the finished set and its card are uploaded
+    hub_private: bool = False
     progress: bool = True
 
     def validate(self) -> None:
@@ -59,6 +63,7 @@ class EncodeOptions:
                               "(the same 2 bytes, finer steps) or fp32")
         check_choice("--dtype", self.dtype, STORAGE_DTYPES)
         check_choice("--layout", self.layout, LAYOUTS)
+        check_choice("--format", self.output_format, OUTPUT_FORMATS)
         check_choice("--precision", self.precision, PRECISIONS)
         check_choice("--buckets", self.buckets, BUCKET_MODES)
         for name in ("resolution", "patch_size", "batch_size", "shard_size"):

@@ -44,6 +44,8 @@ from ..models.tiling import configure_tiling
 from ..runtime import atomic_write_bytes, atomic_write_json, fsync_path, resolve_precision, try_lock
 from ..seeding import derive_seed
 from .encoder import LatentEncoder
+from .formats import check_webdataset_columns
+from .hub import push_latent_set
 from .identity import LOCK_NAME, model_path, prepare_output, run_identity
 from .options import EncodeOptions
 from .preprocess import EncodeInputs, Preprocessing, bucket_sizes, collate_by_size
@@ -51,7 +53,7 @@ from .storage import ShardAssembler, ShardStore, output_features, passthrough_da
 
 logger = logging.getLogger("latent_vae")
 
-OUTPUT_FILES = ("encode_config.json", "failures.jsonl", "summary.json", "dataset_info.json", "state.json")
+OUTPUT_FILES = ("encode_config.json", "failures.jsonl", "summary.json", "dataset_info.json", "state.json", "README.md")
 
 
 @dataclass
@@ -82,7 +84,8 @@ def _read_summary(output_dir: Path) -> EncodeSummary:
 
 
 def _clear_outputs(output_dir: Path) -> None:
-    shutil.rmtree(output_dir / "shards", ignore_errors=True)
+    for folder in ("shards", "data"):
+        shutil.rmtree(output_dir / folder, ignore_errors=True)
     for path in [*(output_dir / name for name in OUTPUT_FILES), *output_dir.glob("data-*.arrow")]:
         path.unlink(missing_ok=True)
 
@@ -113,11 +116,14 @@ def _load_inputs(model: Union[str, Path, Autoencoder], data: Union[str, Path, Im
     if opts.tiled:
         configure_tiling(vae, opts.tile_size, opts.tile_overlap)
     if isinstance(data, ImageSource):
-        return vae, data, []
-    # Headers are not pre-verified: every input is read once, in the workers, and a bad one is
-    # listed by the shard that holds it.
-    source, scan_failures = open_source(None if data is None else str(data), opts.image_column, opts.split,
-                                        verify=False)
+        source, scan_failures = data, []
+    else:
+        # Headers are not pre-verified: every input is read once, in the workers, and a bad one is
+        # listed by the shard that holds it.
+        source, scan_failures = open_source(None if data is None else str(data), opts.image_column, opts.split,
+                                            verify=False)
+    if opts.output_format == "webdataset":
+        check_webdataset_columns(passthrough_dataset(source))
     return vae, source, scan_failures
 
 
@@ -158,8 +164,11 @@ def encode_dataset(model: Union[str, Path, Autoencoder], data: Union[str, Path, 
                           "choose another --output-dir") from None
     lock = _claim_output(output_dir, accelerator)
     try:
-        return _encode_into(output_dir, vae, source, scan_failures, identity, opts, precision, accelerator, device,
-                            model, started)
+        summary = _encode_into(output_dir, vae, source, scan_failures, identity, opts, precision, accelerator,
+                               device, model, started)
+        if opts.push_to_hub and accelerator.is_main_process:
+            push_latent_set(output_dir, opts.push_to_hub, opts.hub_private)
+        return summary
     finally:
         if lock is not None:
             lock.close()  # the folder is free for the next writer
@@ -203,7 +212,7 @@ def _encode_into(output_dir: Path, vae: Autoencoder, source: ImageSource, scan_f
     accelerator.wait_for_everyone()  # every process has read the old state before it changes
     if state == "complete":
         return _read_summary(output_dir)
-    store = ShardStore(output_dir, opts.shard_size, len(source))
+    store = ShardStore(output_dir, opts.shard_size, len(source), opts.output_format)
     done = _verified_shards(store, accelerator) if state == "resume" else set()
     resumed = sum(len(store.indices(j)) for j in done)
     factor = downsample_factor(vae)
@@ -236,10 +245,10 @@ def _encode_into(output_dir: Path, vae: Autoencoder, source: ImageSource, scan_f
     problem = None
     if accelerator.is_main_process:
         try:
-            _merge(output_dir, store, source, scan_failures, features, opts.keep_shards, _description(identity),
-                   **timing, resumed=resumed,
-                   fp32_retries=encoder.fp32_retries, seconds=time.perf_counter() - started,
-                   compile_failure=encoder.compile_failure)
+            _finish(output_dir, store, source, scan_failures, features, opts, _description(identity),
+                    **timing, resumed=resumed,
+                    fp32_retries=encoder.fp32_retries, seconds=time.perf_counter() - started,
+                    compile_failure=encoder.compile_failure)
         except DataError as err:
             problem = str(err)
     problem = broadcast_object_list([problem])[0]  # every process ends the same way
@@ -301,12 +310,10 @@ def _description(identity: Dict[str, Any]) -> str:
     return text
 
 
-def _merge(output_dir: Path, store: ShardStore, source: ImageSource, scan_failures: List[Failure], features,
-           keep_shards: bool, description: str, **summary_fields: Any) -> None:
-    """Concatenate the shards in index order into one ``datasets`` directory, check that every
-    input is there exactly once (as a row or a failure), then mark the run complete."""
-    import datasets
-
+def _finish(output_dir: Path, store: ShardStore, source: ImageSource, scan_failures: List[Failure], features,
+            opts: EncodeOptions, description: str, **summary_fields: Any) -> None:
+    """Verify every shard and check that every input is there exactly once (as a row or a
+    failure); merge the shards of a ``datasets`` output; then mark the run complete."""
     problems = {j: store.verify(j) for j in range(store.num_shards)}
     bad = {j: problem for j, problem in problems.items() if problem is not None}
     if bad:  # never merged: the rerun redoes exactly these shards
@@ -314,13 +321,29 @@ def _merge(output_dir: Path, store: ShardStore, source: ImageSource, scan_failur
         raise DataError(f"{len(bad)} shards of {output_dir} are not usable (shard {shard}: {problem}); "
                         "rerun the same command to redo them")
     manifests = [store.manifest(j) for j in range(store.num_shards)]
-    parts = [datasets.Dataset.from_file(str(store.data_path(j))) for j, m in enumerate(manifests) if m["rows"]]
     failures = [f for m in manifests for f in m["failures"]]
-    indices = np.concatenate([np.asarray(p.with_format("numpy")["index"], dtype=np.int64) for p in parts]
-                             + [np.asarray([f["index"] for f in failures], dtype=np.int64)])
+    indices = np.asarray([i for m in manifests for i in m["indices"]] + [f["index"] for f in failures], np.int64)
     if len(indices) != len(source) or not np.array_equal(np.sort(indices), np.arange(len(source))):
-        raise RuntimeError(f"{output_dir}: the shards do not hold every input exactly once; rerun with --overwrite")
+        raise DataError(f"{output_dir}: the shards do not hold every input exactly once; rerun with --overwrite")
+    if opts.output_format == "datasets":
+        _merge(output_dir, store, manifests, features, description)
 
+    all_failures = [{"index": None, "id": f.key, "reason": f.reason} for f in scan_failures] + failures
+    atomic_write_bytes(output_dir / "failures.jsonl",
+                       lambda h: h.write("".join(json.dumps(f, sort_keys=True) + "\n" for f in all_failures).encode()))
+    summary = EncodeSummary(output_dir=output_dir, read=len(source) + len(scan_failures),
+                            encoded=len(source) - len(failures), failed=len(all_failures), **summary_fields)
+    atomic_write_json(output_dir / "summary.json", {k: v for k, v in summary.to_json().items() if k != "output_dir"})
+    # The manifests of parquet and webdataset shards stay: they are the SHA-256 record of the final files.
+    if opts.output_format == "datasets" and not opts.keep_shards:
+        shutil.rmtree(store.root, ignore_errors=True)
+
+
+def _merge(output_dir: Path, store: ShardStore, manifests: List[Dict[str, Any]], features, description: str) -> None:
+    """Concatenate the shards in index order into one ``datasets.load_from_disk`` folder."""
+    import datasets
+
+    parts = [datasets.Dataset.from_file(str(store.data_path(j))) for j, m in enumerate(manifests) if m["rows"]]
     staging = output_dir / ".merge-tmp"
     shutil.rmtree(staging, ignore_errors=True)
     merged = datasets.concatenate_datasets(parts) if parts else \
@@ -335,12 +358,3 @@ def _merge(output_dir: Path, store: ShardStore, source: ImageSource, scan_failur
         os.replace(produced, output_dir / produced.name)
     shutil.rmtree(staging, ignore_errors=True)
     fsync_path(output_dir)  # the moves are on disk before summary.json says the run is complete
-
-    all_failures = [{"index": None, "id": f.key, "reason": f.reason} for f in scan_failures] + failures
-    atomic_write_bytes(output_dir / "failures.jsonl",
-                       lambda h: h.write("".join(json.dumps(f, sort_keys=True) + "\n" for f in all_failures).encode()))
-    summary = EncodeSummary(output_dir=output_dir, read=len(source) + len(scan_failures),
-                            encoded=len(source) - len(failures), failed=len(all_failures), **summary_fields)
-    atomic_write_json(output_dir / "summary.json", {k: v for k, v in summary.to_json().items() if k != "output_dir"})
-    if not keep_shards:
-        shutil.rmtree(store.root, ignore_errors=True)

@@ -23,7 +23,8 @@ import numpy as np
 from ..errors import ConfigError, check_choice
 from ..runtime import atomic_write_bytes
 from .decode import load_latent_dataset, stored_dtype
-from .storage import flat_values, latent_to_tensor
+from .formats import flat_values
+from .storage import latent_to_tensor
 
 # No "both": SDXL-family pipelines apply latents_std *and* scaling_factor, so a config holding
 # the global scale and the per-channel fields would be scaled twice there.

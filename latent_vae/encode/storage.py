@@ -5,8 +5,9 @@ float32 or float16, so ``with_format("torch")`` gives float tensors of the right
 aspect-ratio buckets, where the shape changes from row to row, nested lists (``C, h, w``).
 ``latent_to_tensor`` turns any stored value back into a tensor, exactly.
 
-A shard (``shards/shard-000012.arrow``) is written to a temporary name and renamed, then its
-manifest (``shard-000012.json``: row count, failures and the SHA-256 of the data file) is written
+A shard's data file (``shards/shard-000012.arrow``, or ``data/train-000012-of-000040.parquet``/
+``.tar``, see ``formats``) is written to a temporary name and renamed, then its manifest
+(``shards/shard-000012.json``: rows, their indices, failures and the data's SHA-256) is written
 the same way; a shard counts as done only when its manifest parses and the data file matches the
 recorded SHA-256 (``ShardStore.verify``), so a file truncated or garbled after it was written is
 redone, never merged.
@@ -24,6 +25,7 @@ import torch
 
 from ..data.sources import ImageSource
 from ..runtime import atomic_write_bytes, atomic_write_json, file_digest
+from .formats import ARRAY_COLUMNS, SUFFIXES, write_table
 from .options import EncodeOptions
 
 if TYPE_CHECKING:  # imported where used: `import latent_vae` stays light
@@ -31,7 +33,6 @@ if TYPE_CHECKING:  # imported where used: `import latent_vae` stays light
     import pyarrow
 
 VALUE_TYPES = {"fp32": "float32", "fp16": "float16"}
-ARRAY_COLUMNS = ("latent", "logvar", "model_input", "tokens")
 # The per-row preprocessing record under the names a layout gives it: diffusers' SDXL training
 # script reads `original_sizes` and `crop_top_lefts` (plural) per row.
 RECORD_COLUMNS = {
@@ -51,16 +52,6 @@ def latent_to_tensor(value: Any, dtype: str) -> torch.Tensor:
     of exactly the stored values: float32 or float16 for ``dtype`` fp32/fp16."""
     array = np.asarray(value.numpy() if isinstance(value, torch.Tensor) else value)
     return torch.from_numpy(array.astype(np.float16 if dtype == "fp16" else np.float32))
-
-
-def flat_values(column: "pyarrow.ChunkedArray") -> np.ndarray:
-    """Every value of a latent column (``Array3D`` or nested lists), flattened in row order."""
-    import pyarrow as pa
-
-    array = column.combine_chunks()
-    if isinstance(array, pa.ExtensionArray):
-        array = array.storage
-    return array.flatten().flatten().flatten().to_numpy(zero_copy_only=False)
 
 
 def _nested_lists(array: np.ndarray) -> "pyarrow.Array":
@@ -129,17 +120,22 @@ def passthrough_dataset(source: ImageSource):
 
 
 class ShardStore:
-    """Shard files of one output directory: ``shard-000012.arrow`` + ``shard-000012.json``."""
+    """Shard files of one output directory: the data file (``shards/shard-000012.arrow``, merged at
+    the end; or, final as written, ``data/train-000012-of-000040.parquet`` / ``.tar``) and its
+    manifest ``shards/shard-000012.json`` (rows, their indices, failures, the data's SHA-256)."""
 
-    def __init__(self, output_dir: Path, shard_size: int, num_items: int):
-        self.root, self.shard_size, self.num_items = output_dir / "shards", shard_size, num_items
+    def __init__(self, output_dir: Path, shard_size: int, num_items: int, output_format: str = "datasets"):
+        self.output_dir, self.root = output_dir, output_dir / "shards"
+        self.shard_size, self.num_items, self.output_format = shard_size, num_items, output_format
         self.num_shards = max(1, math.ceil(num_items / shard_size))
 
     def indices(self, shard: int) -> range:
         return range(shard * self.shard_size, min(self.num_items, (shard + 1) * self.shard_size))
 
     def data_path(self, shard: int) -> Path:
-        return self.root / f"shard-{shard:06d}.arrow"
+        if self.output_format == "datasets":
+            return self.root / f"shard-{shard:06d}.arrow"
+        return self.output_dir / "data" / f"train-{shard:06d}-of-{self.num_shards:06d}.{SUFFIXES[self.output_format]}"
 
     def manifest_path(self, shard: int) -> Path:
         return self.root / f"shard-{shard:06d}.json"
@@ -155,13 +151,11 @@ class ShardStore:
             return "not written"
         try:
             manifest = self.manifest(shard)
-            rows, expected = int(manifest["rows"]), manifest["sha256"]
-            if not isinstance(manifest["failures"], list):
-                raise TypeError("failures is not a list")
+            expected = manifest["sha256"]
+            if not all(isinstance(manifest[key], list) for key in ("indices", "failures")):
+                raise TypeError("indices or failures is not a list")
         except (OSError, ValueError, KeyError, TypeError) as err:
             return f"its manifest {self.manifest_path(shard).name} is unreadable ({type(err).__name__})"
-        if rows == 0:
-            return None
         path = self.data_path(shard)
         try:
             actual = file_digest(path)
@@ -172,18 +166,16 @@ class ShardStore:
         return None
 
     def write(self, shard: int, table, failures: List[Dict[str, Any]]) -> None:
-        import pyarrow as pa
-
+        """The data file (even with no rows, so that every shard of the sequence exists), then the
+        manifest that makes the shard count as done."""
         self.root.mkdir(parents=True, exist_ok=True)
-        digest = None
-        if table.num_rows:
-            def write_stream(handle):
-                with pa.ipc.new_stream(handle, table.schema) as writer:
-                    writer.write_table(table)
-
-            digest = file_digest(atomic_write_bytes(self.data_path(shard), write_stream))
-        atomic_write_json(self.manifest_path(shard), {"shard": shard, "rows": table.num_rows, "failures": failures,
-                                                      "sha256": digest})
+        path = self.data_path(shard)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        digest = file_digest(atomic_write_bytes(path, lambda handle: write_table(handle, table, self.output_format)))
+        atomic_write_json(self.manifest_path(shard), {
+            "shard": shard, "rows": table.num_rows, "indices": table.column("index").to_pylist(),
+            "failures": failures, "sha256": digest,
+        })
 
 
 class ShardAssembler:
