@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import gzip
 import itertools
+import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -230,3 +235,33 @@ def test_training_from_tar_shards_resumes_to_identical_weights(tmp_path):
     b = load_tensors(list_checkpoints(tmp_path / "resumed" / "checkpoints")[-1] / "autoencoder.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert (tmp_path / "straight" / "model" / "config.json").is_file()
+
+
+TWO_PROCESS_RUN = """
+import sys
+sys.path.insert(0, {tests!r})
+from conftest import fast_config
+from latent_vae.train.loop import train
+train(fast_config(*sys.argv[2:]), sys.argv[1])
+"""
+
+
+@pytest.mark.multiprocess
+def test_two_processes_split_the_shards_and_count_every_bad_sample(tmp_path):
+    """torchrun, 2 CPU processes: each rank reads its own shards; the bad samples both ranks met are
+    counted in summary.json and listed in skipped_inputs.txt (rank 1's are gathered by the main process)."""
+    data = write_shards(tmp_path / "shards", shards=4, per_shard=6)
+    script = tmp_path / "run.py"
+    script.write_text(TWO_PROCESS_RUN.format(tests=str(Path(__file__).parent)))
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", str(script),
+               str(out), f"data.shards={tmp_path / 'shards'}", "data.shuffle_buffer=0", "data.resolution=16",
+               "data.resize=24", "train.max_steps=4", "export.scaling_images=0"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    # 4 steps × batch 2 = 8 images per rank: more than the 6 readable ones of its 2 shards, so every
+    # sample of every shard was met, on one rank or the other.
+    summary = json.loads((out / "summary.json").read_text())
+    listed = dict(line.split("\t", 1) for line in (out / "skipped_inputs.txt").read_text().splitlines())
+    assert sorted(listed) == sorted(data.bad) and summary["failed_inputs"] == len(data.bad) == 12

@@ -142,6 +142,7 @@ def train(config: Config, output_dir: str | Path, resume: Optional[str] = None, 
 
     if last_saved != step:
         save_checkpoint(checkpoint_root, state, step, guard.skipped_steps, accelerator, cfg_dict, loader)
+    failure_log.gather()
     elapsed = time.time() - start_time
     logger.info("trained %d steps in %.0fs (%.2f steps/s); %d steps skipped, %d inputs unreadable",
                 step - start_step, elapsed, (step - start_step) / max(elapsed, 1e-9), guard.skipped_steps,
