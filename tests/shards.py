@@ -54,10 +54,11 @@ def _sample_members(seed: int, kind: str) -> Dict[str, bytes]:
 
 
 def write_shards(folder: Path, shards: int = 3, per_shard: int = 8, fmt: str = "tar",
-                 hostile: bool = True, prefix: str = "data") -> ShardSet:
+                 hostile: bool = True, prefix: str = "data", padding: int = 0) -> ShardSet:
     """``shards`` files ``<prefix>-000000.<fmt>``... of ``per_shard`` samples each (keys ``s<shard>-<i>``),
     tar (webdataset layout) or parquet (``image`` struct column like 🤗 datasets writes, ``key``,
-    ``caption``; two row groups per shard so readers cross a row-group boundary)."""
+    ``caption``; two row groups per shard so readers cross a row-group boundary). ``padding``: bytes of
+    an extra ``bin`` member in every tar sample (large samples without the cost of decoding large images)."""
     folder.mkdir(parents=True, exist_ok=True)
     result = ShardSet([])
     for shard_index in range(shards):
@@ -66,7 +67,10 @@ def write_shards(folder: Path, shards: int = 3, per_shard: int = 8, fmt: str = "
         for i in range(per_shard):
             kind = HOSTILE.get(i, "good") if hostile else "good"
             key = f"s{shard_index:03d}-{i:04d}"
-            samples.append((key, _sample_members(shard_index * 1000 + i, kind)))
+            members = _sample_members(shard_index * 1000 + i, kind)
+            if padding:
+                members["bin"] = bytes(padding)
+            samples.append((key, members))
             sample_id = f"{path}#{key}"
             if kind == "good":
                 result.good.append(sample_id)

@@ -265,3 +265,43 @@ def test_two_processes_split_the_shards_and_count_every_bad_sample(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     listed = dict(line.split("\t", 1) for line in (out / "skipped_inputs.txt").read_text().splitlines())
     assert sorted(listed) == sorted(data.bad) and summary["failed_inputs"] == len(data.bad) == 12
+
+
+def test_memory_stays_constant_while_streaming_ten_times_the_budget(tmp_path):
+    """RSS is sampled after every batch: streaming 10× more sample bytes than the budget (every sample
+    carries a 1 MiB member) grows it by less than the budget: nothing accumulates with the dataset."""
+    psutil = pytest.importorskip("psutil")
+    budget = 48 * 2**20  # RSS growth allowed after warm-up: a shuffle block of 8 MiB, decoding, allocator slack
+    write_shards(tmp_path, shards=6, per_shard=80, padding=2**20, hostile=False)  # 480 MiB of samples
+    total = sum(p.stat().st_size for p in tmp_path.glob("*.tar"))
+    assert total > 10 * budget
+    train, _, _ = training_data(stream_config(str(tmp_path / "*.tar"), "data.shuffle_buffer=8",
+                                              "data.shuffle_shards=false"))
+    batches = iter(StreamLoader(train.batches(8, 0, 0, 1)))
+    process = psutil.Process()
+    for _ in range(4):  # warm-up: first allocations of the reader, decoder and crops
+        next(batches)
+    baseline, peak = process.memory_info().rss, 0
+    for _ in range(480 // 8 - 4):  # the rest of one epoch
+        next(batches)
+        peak = max(peak, process.memory_info().rss)
+    print(f"streamed {total / 2**20:.0f} MiB; RSS {baseline / 2**20:.0f} MiB after warm-up, peak "
+          f"{peak / 2**20:.0f} MiB (+{(peak - baseline) / 2**20:.1f} MiB, budget {budget / 2**20:.0f} MiB)")
+    assert peak - baseline < budget
+
+
+def test_streaming_dataset_trains_and_resumes_exactly(tmp_path):
+    """data.streaming=true over a local parquet folder: validation held out, batches resumed exactly."""
+    write_shards(tmp_path / "parquet", shards=2, per_shard=7, fmt="parquet")
+    cfg = fast_config(f"data.path={tmp_path / 'parquet'}", "data.streaming=true", "data.key_column=key",
+                      "data.resolution=16", "data.resize=24", "data.shuffle_buffer=4", "data.val_images=2").data
+    train, val, _ = training_data(cfg)
+    assert [s.key for s in val.samples] == ["s000-0000", "s000-0002"]
+
+    def loader(start=0, state=None):
+        return StreamLoader(train.batches(2, 5, 0, 1, start, state))
+
+    straight = take_batches(loader(), 8)
+    interrupted = loader()
+    take_batches(interrupted, 3)
+    assert same_batches(take_batches(loader(3, interrupted.state_dict()), 5), straight[3:])
