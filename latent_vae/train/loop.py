@@ -19,8 +19,7 @@ import torch
 from accelerate.utils import DistributedDataParallelKwargs
 
 from ..config import Config, config_to_dict, save_config
-from ..data.datasets import TrainDataset
-from ..data.sources import split_train_val
+from ..data.stream_dataset import training_data
 from ..distributed import make_accelerator
 from ..errors import ConfigError
 from .guard import StepGuard, StopRequest
@@ -70,12 +69,11 @@ def train(config: Config, output_dir: str | Path, resume: Optional[str] = None, 
     checkpoint_path = find_resume_checkpoint(output_dir, resume, cfg)
 
     # ---------------------------------------------------------------- data
-    train_source, val_source, failures = split_train_val(cfg.data)
+    train_dataset, val_source, failures = training_data(cfg.data)
     failure_log = FailureLog(output_dir / "skipped_inputs.txt", is_main)
     failure_log.add(failures)
-    train_dataset = TrainDataset(train_source, cfg.data)
-    logger.info("data: %d training images from %s, %d validation images", len(train_source),
-                train_source.name, 0 if val_source is None else len(val_source))
+    logger.info("data: %s, %d validation images", train_dataset.describe(),
+                0 if val_source is None else len(val_source))
 
     # ---------------------------------------------------------------- models, losses, optimisers; resume
     vae = build_trainable_vae(cfg.model)
@@ -92,7 +90,7 @@ def train(config: Config, output_dir: str | Path, resume: Optional[str] = None, 
 
     accum = cfg.train.grad_accum_steps
     images_per_step = cfg.train.batch_size * accum * accelerator.num_processes
-    loader = train_loader(train_dataset, cfg, accelerator, start_step=step)
+    loader = train_loader(train_dataset, cfg, accelerator, start_step=step, checkpoint_path=checkpoint_path)
     val_loader = validation_loader(val_source, cfg, accelerator) if val_source is not None else None
     preview = preview_batch(val_loader, train_dataset, device)
     if cfg.logging.trackers:
@@ -121,7 +119,7 @@ def train(config: Config, output_dir: str | Path, resume: Optional[str] = None, 
             guard.log_skipped(step)
             if guard.exhausted:
                 # Skipped steps changed nothing, so these weights are those from before the first bad step.
-                save_checkpoint(checkpoint_root, state, step, guard.skipped_steps, accelerator, cfg_dict)
+                save_checkpoint(checkpoint_root, state, step, guard.skipped_steps, accelerator, cfg_dict, loader)
                 raise guard.error(step)
             final = step == cfg.train.max_steps
             if step % cfg.logging.log_every == 0 or final:
@@ -131,7 +129,7 @@ def train(config: Config, output_dir: str | Path, resume: Optional[str] = None, 
             if val_loader is not None and (step % cfg.train.val_every == 0 or final):
                 val_metrics = validate(state.inference_model(), val_loader, accelerator, step)
             if step % cfg.train.checkpoint_every == 0:
-                save_checkpoint(checkpoint_root, state, step, guard.skipped_steps, accelerator, cfg_dict)
+                save_checkpoint(checkpoint_root, state, step, guard.skipped_steps, accelerator, cfg_dict, loader)
                 last_saved = step
             if guard.stop_requested and not final:
                 logger.warning("stop requested (signal or time limit) at step %d: writing a checkpoint and exiting; "
@@ -143,7 +141,8 @@ def train(config: Config, output_dir: str | Path, resume: Optional[str] = None, 
         guard.stop.restore()
 
     if last_saved != step:
-        save_checkpoint(checkpoint_root, state, step, guard.skipped_steps, accelerator, cfg_dict)
+        save_checkpoint(checkpoint_root, state, step, guard.skipped_steps, accelerator, cfg_dict, loader)
+    failure_log.gather()
     elapsed = time.time() - start_time
     logger.info("trained %d steps in %.0fs (%.2f steps/s); %d steps skipped, %d inputs unreadable",
                 step - start_step, elapsed, (step - start_step) / max(elapsed, 1e-9), guard.skipped_steps,
