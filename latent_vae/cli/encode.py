@@ -22,6 +22,8 @@ examples:
   latent-vae encode --model runs/kl-f8/model --data /my/images --output-dir latents/ \\
       --resolution 1024 --buckets sdxl --latent sample --seed 0
   accelerate launch -m latent_vae encode --model runs/kl-f8/model --data /my/images --output-dir latents/
+  torchrun --nproc_per_node 8 -m latent_vae encode --model runs/kl-f8/model \\
+      --shards '/data/train-{000000..009999}.tar' --format parquet --output-dir latents/ --shard-slice 3/16
 
 Killed or pre-empted? Run the same command again: finished shards are kept, the rest is
 redone, and the result has exactly one row per readable input. Unreadable inputs are listed
@@ -39,6 +41,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what.add_argument("--subfolder", help="model subfolder, e.g. vae for a full pipeline repository")
     what.add_argument("--data", help="image folder (recursive), save_to_disk dataset, or hub dataset name "
                       "(default: the scikit-image sample photos)")
+    what.add_argument("--shards", nargs="+", metavar="PATTERN",
+                      help="webdataset tar or parquet shards instead of --data: brace patterns "
+                      "(data-{000000..000999}.tar), globs, folders, paths or URLs; one input shard becomes one output "
+                      "shard")
+    what.add_argument("--streaming", action="store_true",
+                      help="read --data (a hub dataset or local data folder) as a streaming 🤗 dataset, shard by shard")
+    what.add_argument("--shard-slice", metavar="I/N",
+                      help="this job takes shards I, I+N, I+2N ... of the list (0 <= I < N): nodes encode into one "
+                      "--output-dir without coordinating; the job finishing last completes it")
+    what.add_argument("--max-samples", type=int,
+                      help="sharded inputs: encode N samples in all, the first N/S of each of the S shards")
+    what.add_argument("--key-column", help="parquet/streaming: the column holding each sample's key (default: "
+                      "__key__, else the row number)")
+    what.add_argument("--image-key", help="tar shards: the member extension holding the image (default: the first of "
+                      "png, jpg, jpeg, webp, tif, tiff, bmp present)")
     what.add_argument("--image-column", default="image", help="image column of a dataset (default: image)")
     what.add_argument("--split", default="train", help="dataset split (default: train)")
     what.add_argument("--output-dir", type=Path, required=True, help="where the latent dataset is written")
@@ -101,7 +118,8 @@ def run(args: argparse.Namespace) -> int:
         args.model, args.data, args.output_dir, subfolder=args.subfolder, image_column=args.image_column,
         split=args.split, resolution=args.resolution, buckets=args.buckets, patch_size=args.patch_size,
         upscale=args.upscale, latent=args.latent, seed=args.seed, dtype=args.dtype, layout=args.layout,
-        output_format=args.output_format, push_to_hub=args.push_to_hub, hub_private=args.hub_private,
+        shards=args.shards, streaming=args.streaming, shard_slice=args.shard_slice, max_samples=args.max_samples,
+        key_column=args.key_column, image_key=args.image_key, output_format=args.output_format, push_to_hub=args.push_to_hub, hub_private=args.hub_private,
         shard_size=args.shard_size, overwrite=args.overwrite,
         keep_shards=args.keep_shards, batch_size=args.batch_size, **speed,
         precision=args.precision, channels_last=args.channels_last, compile=args.compile,
@@ -111,6 +129,11 @@ def run(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
     if dist.is_initialized() and dist.get_rank() != 0:
+        return 0
+    if summary.pending_shards:
+        print(f"slice {args.shard_slice} done: read {summary.read}, encoded {summary.encoded}, failed "
+              f"{summary.failed}; {summary.pending_shards} shards of other slices remain, and the slice finishing "
+              "last completes the encode")
         return 0
     if summary.resumed:
         print(f"resumed: {summary.resumed} inputs were already done by an earlier run")

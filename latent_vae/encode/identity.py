@@ -11,6 +11,7 @@ from typing import Any, Dict, List, Optional, Union
 import torch
 
 from ..data.sources import ImageSource
+from ..data.streams import StreamSource
 from ..errors import ConfigError
 from ..models.stock import Autoencoder
 from .options import EncodeOptions
@@ -29,7 +30,11 @@ def model_fingerprint(model: Autoencoder) -> str:
     return digest.hexdigest()
 
 
-def source_fingerprint(source: ImageSource) -> str:
+def source_fingerprint(source: Union[ImageSource, StreamSource]) -> str:
+    """What the inputs are: the shard list of a sharded input, the dataset fingerprint of a
+    dataset, the file list of a folder."""
+    if isinstance(source, StreamSource):
+        return hashlib.sha256("\n".join(source.shards).encode()).hexdigest()
     digest = hashlib.sha256(str(len(source)).encode())
     dataset = getattr(source, "dataset", None)
     if dataset is not None:
@@ -62,13 +67,17 @@ def diffusion_scaling(vae: Autoencoder) -> Dict[str, Any]:
     return {**fields, "formula": formula}
 
 
-def run_identity(vae: Autoencoder, source: ImageSource, opts: EncodeOptions, precision: str) -> Dict[str, Any]:
+def run_identity(vae: Autoencoder, source: Union[ImageSource, StreamSource], opts: EncodeOptions,
+                 precision: str) -> Dict[str, Any]:
     """Everything that determines the rows: a resumed run must match it exactly."""
     return {
         "format": FORMAT_VERSION,
         "model": {"class": type(vae).__name__, "weights_sha256": model_fingerprint(vae)},
-        "data": {"source": str(source.name), "inputs": len(source), "fingerprint": source_fingerprint(source),
-                 "image_column": opts.image_column, "split": opts.split},
+        "data": {"source": str(source.name), "fingerprint": source_fingerprint(source),
+                 "image_column": opts.image_column, "split": opts.split,
+                 **({"shards": len(source.shards), "streaming": opts.streaming, "key_column": opts.key_column,
+                     "image_key": opts.image_key, "max_samples": opts.max_samples}
+                    if isinstance(source, StreamSource) else {"inputs": len(source)})},
         "preprocessing": {"resolution": opts.resolution, "buckets": opts.buckets, "patch_size": opts.patch_size,
                           "upscale": opts.upscale},
         "latent": {"mode": opts.latent, "seed": opts.seed, "dtype": opts.dtype, "precision": precision,
@@ -95,7 +104,7 @@ def _differences(old: Dict[str, Any], new: Dict[str, Any], prefix: str = "") -> 
 def prepare_output(output_dir: Path, identity: Dict[str, Any], overwrite: bool) -> str:
     """'fresh', 'resume' or 'complete'; refuses to mix two different encodes in one directory."""
     config_path = output_dir / "encode_config.json"
-    if overwrite or not output_dir.exists() or not any(p.name != LOCK_NAME for p in output_dir.iterdir()):
+    if overwrite or not output_dir.exists() or all(p.name.startswith(LOCK_NAME) for p in output_dir.iterdir()):
         return "fresh"
     if not config_path.is_file():
         raise ConfigError(f"{output_dir} is not empty and holds no latent_vae encode; choose a new --output-dir")

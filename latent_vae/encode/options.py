@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Sequence, Tuple
 
 from ..errors import ConfigError, check_choice, check_positive
 from ..runtime import PRECISIONS
@@ -40,6 +40,12 @@ class EncodeOptions:
     split: str = "train"
     subfolder: Optional[str] = None
     shard_size: int = 256
+    # ---- sharded inputs: one input shard is one output shard
+    shards: Optional[Sequence[str]] = None  # tar/parquet shards: brace patterns, globs, folders, paths, URLs
+    streaming: bool = False  # `data` is a 🤗 dataset read with streaming=True
+    key_column: Optional[str] = None
+    image_key: Optional[str] = None
+    max_samples: Optional[int] = None
     # ---- speed only
     batch_size: Optional[int] = None  # 16 on CUDA, 1 on CPU (larger CPU batches fall out of cache)
     num_workers: int = field(default_factory=lambda: min(4, max(0, (os.cpu_count() or 1) - 1)))
@@ -50,6 +56,7 @@ class EncodeOptions:
     device: Optional[str] = None
     overwrite: bool = False
     keep_shards: bool = False
+    shard_slice: Optional[str] = None  # "i/N": this job takes shards i, i+N, i+2N ... of the list
     push_to_hub: Optional[str] = None  # a dataset repository id: the finished set and its card are uploaded
     hub_private: bool = False
     progress: bool = True
@@ -66,8 +73,32 @@ class EncodeOptions:
         check_choice("--format", self.output_format, OUTPUT_FORMATS)
         check_choice("--precision", self.precision, PRECISIONS)
         check_choice("--buckets", self.buckets, BUCKET_MODES)
-        for name in ("resolution", "patch_size", "batch_size", "shard_size"):
+        for name in ("resolution", "patch_size", "batch_size", "shard_size", "max_samples"):
             if getattr(self, name) is not None:
                 check_positive(f"--{name.replace('_', '-')}", getattr(self, name))
+        if (self.shard_slice or self.max_samples) and not self.sharded:
+            raise ConfigError("--shard-slice and --max-samples apply to sharded inputs: give --shards or --streaming")
+        if self.shard_slice is not None:
+            self.slice  # noqa: B018 (checks the value)
+            if self.overwrite:
+                raise ConfigError("--overwrite cannot be combined with --shard-slice: other slices may be writing the "
+                                  "same --output-dir; delete it yourself before starting all slices")
         if not 0.0 < self.tile_overlap < 1.0:
             raise ConfigError(f"--tile-overlap must be between 0 and 1 (got {self.tile_overlap})")
+
+    @property
+    def sharded(self) -> bool:
+        return bool(self.shards) or self.streaming
+
+    @property
+    def slice(self) -> Tuple[int, int]:
+        """``--shard-slice i/N`` as (i, N); (0, 1) without one."""
+        if self.shard_slice is None:
+            return 0, 1
+        try:
+            index, count = (int(part) for part in str(self.shard_slice).split("/"))
+        except ValueError:
+            index, count = -1, 0
+        if count < 1 or not 0 <= index < count:
+            raise ConfigError(f"--shard-slice {self.shard_slice} is not i/N with 0 <= i < N, e.g. 0/4 ... 3/4")
+        return index, count

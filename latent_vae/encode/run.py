@@ -30,12 +30,12 @@ import time
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import IO, Any, Dict, List, Optional, Set, Tuple, Union
+from typing import IO, Any, Dict, List, Optional, Sequence, Set, Tuple, Union
 
-import numpy as np
 import torch
 
 from ..data.sources import Failure, ImageSource, open_source
+from ..data.streams import StreamSource, open_stream, split_shards
 from ..distributed import make_accelerator
 from ..errors import ConfigError, DataError
 from ..models.loading import load_autoencoder
@@ -50,6 +50,7 @@ from .identity import LOCK_NAME, model_path, prepare_output, run_identity
 from .options import EncodeOptions
 from .preprocess import EncodeInputs, Preprocessing, bucket_sizes, collate_by_size
 from .storage import ShardAssembler, ShardStore, output_features, passthrough_dataset
+from .streaming import StreamAssembler, StreamInputs, split_key
 
 logger = logging.getLogger("latent_vae")
 
@@ -70,6 +71,7 @@ class EncodeSummary:
     data_wait_fraction: float = 0.0
     fp32_retries: int = 0
     compile_failure: Optional[str] = None
+    pending_shards: int = 0  # --shard-slice: shards of other slices not done yet (the encode is not complete)
 
     @property
     def failures_path(self) -> Path:
@@ -99,9 +101,9 @@ def _accelerator(device: Optional[str]):
 
 
 def _load_inputs(model: Union[str, Path, Autoencoder], data: Union[str, Path, ImageSource, None],
-                 opts: EncodeOptions) -> Tuple[Autoencoder, ImageSource, List[Failure]]:
-    """The model (tiled if asked) and the image source, checked against the options before
-    anything is written."""
+                 opts: EncodeOptions) -> Tuple[Autoencoder, Union[ImageSource, StreamSource], List[Failure]]:
+    """The model (tiled if asked) and the image source (or sharded input), checked against the
+    options before anything is written."""
     vae = load_autoencoder(str(model), subfolder=opts.subfolder) if isinstance(model, (str, Path)) else model
     if is_vq(vae) and opts.latent != "mean":
         raise ConfigError(f"--latent {opts.latent} needs a KL posterior; {type(vae).__name__} has none: "
@@ -115,6 +117,12 @@ def _load_inputs(model: Union[str, Path, Autoencoder], data: Union[str, Path, Im
                           "that takes any latent size")
     if opts.tiled:
         configure_tiling(vae, opts.tile_size, opts.tile_overlap)
+    if opts.sharded:  # read shard by shard, never listed or scanned up front
+        if opts.streaming and data is None:
+            raise ConfigError("--streaming reads the 🤗 dataset named by --data; give --data")
+        stream = open_stream(opts.shards, None if opts.shards else str(data), opts.image_column, opts.split,
+                             opts.key_column, opts.image_key)
+        return vae, stream, []
     if isinstance(data, ImageSource):
         source, scan_failures = data, []
     else:
@@ -162,38 +170,54 @@ def encode_dataset(model: Union[str, Path, Autoencoder], data: Union[str, Path, 
     except OSError as err:
         raise ConfigError(f"output directory {output_dir} cannot be created ({err.strerror}); "
                           "choose another --output-dir") from None
-    lock = _claim_output(output_dir, accelerator)
+    locks = _claim_output(output_dir, accelerator, opts)
     try:
         summary = _encode_into(output_dir, vae, source, scan_failures, identity, opts, precision, accelerator,
                                device, model, started)
-        if opts.push_to_hub and accelerator.is_main_process:
+        if opts.push_to_hub and accelerator.is_main_process and not summary.pending_shards:
             push_latent_set(output_dir, opts.push_to_hub, opts.hub_private)
         return summary
     finally:
-        if lock is not None:
+        for lock in locks:
             lock.close()  # the folder is free for the next writer
 
 
-def _claim_output(output_dir: Path, accelerator) -> Optional[IO]:
+def _claim_output(output_dir: Path, accelerator, opts: EncodeOptions) -> List[IO]:
     """One encode, one writer: the main process takes the exclusive lock of ``output_dir``; every
-    process learns whether it did, so none waits in a collective for a process that gave up."""
+    process learns whether it did, so none waits in a collective for a process that gave up. The
+    jobs of a ``--shard-slice`` share the folder: each holds the folder lock shared and the lock
+    of its own slice exclusively (an unsliced job, or the same slice twice, is refused)."""
     from accelerate.utils import broadcast_object_list
 
-    lock = try_lock(output_dir / LOCK_NAME) if accelerator.is_main_process else None
-    if broadcast_object_list([accelerator.is_main_process and lock is None])[0]:
-        raise ConfigError(f"another encode is writing to {output_dir} (it holds {output_dir / LOCK_NAME}); "
-                          "wait for it to finish or choose another --output-dir")
-    return lock
+    locks: List[IO] = []
+    if accelerator.is_main_process:
+        wanted = [(output_dir / LOCK_NAME, False)]
+        if opts.shard_slice:
+            index, count = opts.slice
+            wanted = [(output_dir / LOCK_NAME, True), (output_dir / f"{LOCK_NAME}-slice-{index}-of-{count}", False)]
+        for path, shared in wanted:
+            lock = try_lock(path, shared=shared)
+            if lock is None:
+                for held in locks:
+                    held.close()
+                locks = [None]
+                break
+            locks.append(lock)
+    if broadcast_object_list([None in locks])[0]:
+        raise ConfigError(f"another encode is writing to {output_dir} (it holds {output_dir / LOCK_NAME}"
+                          f"{' or this slice' if opts.shard_slice else ''}); wait for it to finish or choose another "
+                          "--output-dir")
+    return locks
 
 
-def _verified_shards(store: ShardStore, accelerator) -> Set[int]:
-    """The shards that are done: verified once, by the main process, and shared with all (every
+def _verified_shards(store: ShardStore, shards: Sequence[int], accelerator) -> Set[int]:
+    """Which of ``shards`` are done: verified once, by the main process, and shared with all (every
     process must skip the same ones). A shard whose files do not verify is named and redone."""
     from accelerate.utils import broadcast_object_list
 
     done: List[int] = []
     if accelerator.is_main_process:
-        for shard in range(store.num_shards):
+        for shard in shards:
             problem = store.verify(shard)
             if problem is None:
                 done.append(shard)
@@ -202,9 +226,10 @@ def _verified_shards(store: ShardStore, accelerator) -> Set[int]:
     return set(broadcast_object_list([done])[0])
 
 
-def _encode_into(output_dir: Path, vae: Autoencoder, source: ImageSource, scan_failures: List[Failure],
-                 identity: Dict[str, Any], opts: EncodeOptions, precision: str, accelerator, device: torch.device,
-                 model: Union[str, Path, Autoencoder], started: float) -> EncodeSummary:
+def _encode_into(output_dir: Path, vae: Autoencoder, source: Union[ImageSource, StreamSource],
+                 scan_failures: List[Failure], identity: Dict[str, Any], opts: EncodeOptions, precision: str,
+                 accelerator, device: torch.device, model: Union[str, Path, Autoencoder],
+                 started: float) -> EncodeSummary:
     """The run proper, in a folder this job holds the lock of: start, resume or return a finished encode."""
     from accelerate.utils import broadcast_object_list
 
@@ -212,13 +237,18 @@ def _encode_into(output_dir: Path, vae: Autoencoder, source: ImageSource, scan_f
     accelerator.wait_for_everyone()  # every process has read the old state before it changes
     if state == "complete":
         return _read_summary(output_dir)
-    store = ShardStore(output_dir, opts.shard_size, len(source), opts.output_format)
-    done = _verified_shards(store, accelerator) if state == "resume" else set()
-    resumed = sum(len(store.indices(j)) for j in done)
+    sharded = isinstance(source, StreamSource)
+    # Sharded input: input shard j is output shard j. Images: shards of --shard-size consecutive inputs.
+    store = ShardStore(output_dir, 1, len(source.shards), opts.output_format) if sharded else \
+        ShardStore(output_dir, opts.shard_size, len(source), opts.output_format)
+    job = split_shards(range(store.num_shards), *opts.slice)  # this job's slice: all shards without one
+    done = _verified_shards(store, job, accelerator) if state == "resume" else set()
+    resumed = sum(len(m["indices"]) + len(m["failures"]) for m in map(store.manifest, done))
     factor = downsample_factor(vae)
     multiple = factor * opts.patch_size
     if state == "fresh" and accelerator.is_main_process:
-        _clear_outputs(output_dir)
+        if not opts.shard_slice:  # the slices of other jobs may be writing here already
+            _clear_outputs(output_dir)
         atomic_write_json(output_dir / "encode_config.json", {
             "identity": identity, "model_path": model_path(model), "subfolder": opts.subfolder,
             "latent_channels": latent_channels(vae), "downsample_factor": factor,
@@ -230,31 +260,107 @@ def _encode_into(output_dir: Path, vae: Autoencoder, source: ImageSource, scan_f
     vae.to(device)
     encoder = LatentEncoder(vae, opts.latent, precision, opts.channels_last, opts.compile, opts.compile_backend,
                             diffusion_input=opts.layout == "diffusers")
-    passthrough = passthrough_dataset(source)
+    passthrough = None if sharded else passthrough_dataset(source)
     side = opts.resolution // factor
     features, renamed = output_features(opts, encoder.vq, passthrough.features if passthrough is not None else {},
                                         None if opts.buckets == "sdxl" else (latent_channels(vae), side, side))
-    mine = [j for j in range(accelerator.process_index, store.num_shards, accelerator.num_processes)
-            if j not in done]
-    inputs = EncodeInputs(source, Preprocessing(opts.resolution, opts.buckets, opts.upscale, multiple))
-    timing = _encode_shards(encoder, inputs, ShardAssembler(store, source, opts, features, renamed), mine, opts,
-                            device, show_progress=opts.progress and accelerator.is_main_process)
+    mine = [j for j in split_shards(job, accelerator.process_index, accelerator.num_processes) if j not in done]
+    preprocessing = Preprocessing(opts.resolution, opts.buckets, opts.upscale, multiple)
+    if sharded:
+        inputs = StreamInputs(source, [(j, source.shards[j]) for j in mine], preprocessing, opts.max_samples,
+                              store.num_shards)
+        timing = _encode_stream(encoder, inputs, StreamAssembler(store, opts, features), len(mine), opts, device,
+                                accelerator)
+    else:
+        timing = _encode_shards(encoder, EncodeInputs(source, preprocessing),
+                                ShardAssembler(store, source, opts, features, renamed), mine, opts, device,
+                                show_progress=opts.progress and accelerator.is_main_process)
 
     # ---------------------------------------------------------------- merge, once every shard is written
     accelerator.wait_for_everyone()
-    problem = None
+    problem, pending = None, 0
     if accelerator.is_main_process:
+        if opts.shard_slice:  # the job finishing last completes the encode
+            pending = store.num_shards - len(_verified_shards_local(store))
         try:
-            _finish(output_dir, store, source, scan_failures, features, opts, _description(identity),
-                    **timing, resumed=resumed,
-                    fp32_retries=encoder.fp32_retries, seconds=time.perf_counter() - started,
-                    compile_failure=encoder.compile_failure)
+            if not pending:
+                _finish(output_dir, store, sharded, scan_failures, features, opts, _description(identity),
+                        **timing, resumed=resumed, fp32_retries=encoder.fp32_retries,
+                        seconds=time.perf_counter() - started, compile_failure=encoder.compile_failure)
         except DataError as err:
             problem = str(err)
-    problem = broadcast_object_list([problem])[0]  # every process ends the same way
+    problem, pending = broadcast_object_list([problem, pending])[:2]  # every process ends the same way
     if problem:
         raise DataError(problem)
+    if pending:
+        return EncodeSummary(output_dir, *_counts(store, job), resumed=resumed, pending_shards=pending, **timing)
     return _read_summary(output_dir)
+
+
+def _verified_shards_local(store: ShardStore) -> List[int]:
+    return [j for j in range(store.num_shards) if store.verify(j) is None]
+
+
+def _counts(store: ShardStore, shards: Sequence[int]) -> Tuple[int, int, int]:
+    """(read, encoded, failed) over the finished shards among ``shards``."""
+    manifests = [store.manifest(j) for j in shards if store.verify(j) is None]
+    encoded, failed = sum(len(m["indices"]) for m in manifests), sum(len(m["failures"]) for m in manifests)
+    return encoded + failed, encoded, failed
+
+
+def _encode_stream(encoder: LatentEncoder, inputs: StreamInputs, assembler: StreamAssembler, shards: int,
+                   opts: EncodeOptions, device: torch.device, accelerator) -> Dict[str, float]:
+    """Encode this process's input shards, each read whole by one DataLoader worker; samples are
+    batched as they arrive and a shard is written once its end has been read and encoded. Every
+    process shows its own progress bar: shards done (with the ETA) and samples/s."""
+    from tqdm.auto import tqdm
+
+    if not shards:
+        return {"images_per_second": 0.0, "data_wait_fraction": 0.0}
+    loader = torch.utils.data.DataLoader(inputs, batch_size=None, num_workers=min(opts.num_workers, shards),
+                                         pin_memory=device.type == "cuda",
+                                         prefetch_factor=opts.prefetch_factor if opts.num_workers > 0 else None)
+    rank = accelerator.process_index
+    progress = tqdm(total=shards, unit="shard", desc=f"encode rank {rank}", position=rank, disable=not opts.progress,
+                    dynamic_ncols=True)
+    batch: List[Dict[str, Any]] = []
+    start, waited, samples, failed = time.perf_counter(), 0.0, 0, 0
+
+    def encode_batch() -> None:
+        for group in collate_by_size([{**item, "index": item["key"]} for item in batch])["groups"]:
+            seeds = [derive_seed(opts.seed, *split_key(key)) for key in group["indices"]] \
+                if opts.latent == "sample" else None
+            assembler.add_rows(group["indices"], group["records"],
+                               encoder(group["pixels"].to(device, non_blocking=True), seeds), seeds)
+        batch.clear()
+
+    with torch.inference_mode():
+        iterator = iter(loader)
+        while True:
+            tick = time.perf_counter()
+            item = next(iterator, None)
+            waited += time.perf_counter() - tick
+            if item is None:
+                break
+            if "end" in item:  # the shard's samples are all here: encode the rest, then write it
+                encode_batch()
+                assembler.end_shard(item["shard"], item["end"])
+                progress.update(1)
+                continue
+            assembler.note(item)
+            samples += 1
+            if "failure" in item:
+                assembler.add_failures([(item["key"], item["failure"])])
+                failed += 1
+                continue
+            batch.append(item)
+            if len(batch) == opts.batch_size:
+                encode_batch()
+            progress.set_postfix({"img/s": f"{samples / (time.perf_counter() - start):.1f}", "failed": failed},
+                                 refresh=False)
+    progress.close()
+    elapsed = time.perf_counter() - start
+    return {"images_per_second": samples / elapsed, "data_wait_fraction": waited / elapsed}
 
 
 def _encode_shards(encoder: LatentEncoder, inputs: EncodeInputs, assembler: ShardAssembler, shards: List[int],
@@ -310,7 +416,7 @@ def _description(identity: Dict[str, Any]) -> str:
     return text
 
 
-def _finish(output_dir: Path, store: ShardStore, source: ImageSource, scan_failures: List[Failure], features,
+def _finish(output_dir: Path, store: ShardStore, sharded: bool, scan_failures: List[Failure], features,
             opts: EncodeOptions, description: str, **summary_fields: Any) -> None:
     """Verify every shard and check that every input is there exactly once (as a row or a
     failure); merge the shards of a ``datasets`` output; then mark the run complete."""
@@ -321,18 +427,23 @@ def _finish(output_dir: Path, store: ShardStore, source: ImageSource, scan_failu
         raise DataError(f"{len(bad)} shards of {output_dir} are not usable (shard {shard}: {problem}); "
                         "rerun the same command to redo them")
     manifests = [store.manifest(j) for j in range(store.num_shards)]
+    for j, manifest in enumerate(manifests):
+        # Image inputs: shard j holds its range of indices. Sharded input: the samples of input shard
+        # j, counted from 0 (its length is what was read).
+        found = sorted(manifest["indices"] + [f["index"] for f in manifest["failures"]])
+        if found != list(range(len(found)) if sharded else store.indices(j)):
+            raise DataError(f"{output_dir}: shard {j} does not hold each of its inputs exactly once; "
+                            "rerun with --overwrite")
     failures = [f for m in manifests for f in m["failures"]]
-    indices = np.asarray([i for m in manifests for i in m["indices"]] + [f["index"] for f in failures], np.int64)
-    if len(indices) != len(source) or not np.array_equal(np.sort(indices), np.arange(len(source))):
-        raise DataError(f"{output_dir}: the shards do not hold every input exactly once; rerun with --overwrite")
     if opts.output_format == "datasets":
         _merge(output_dir, store, manifests, features, description)
 
     all_failures = [{"index": None, "id": f.key, "reason": f.reason} for f in scan_failures] + failures
     atomic_write_bytes(output_dir / "failures.jsonl",
                        lambda h: h.write("".join(json.dumps(f, sort_keys=True) + "\n" for f in all_failures).encode()))
-    summary = EncodeSummary(output_dir=output_dir, read=len(source) + len(scan_failures),
-                            encoded=len(source) - len(failures), failed=len(all_failures), **summary_fields)
+    encoded = sum(len(m["indices"]) for m in manifests)
+    summary = EncodeSummary(output_dir=output_dir, read=encoded + len(all_failures), encoded=encoded,
+                            failed=len(all_failures), **summary_fields)
     atomic_write_json(output_dir / "summary.json", {k: v for k, v in summary.to_json().items() if k != "output_dir"})
     # The manifests of parquet and webdataset shards stay: they are the SHA-256 record of the final files.
     if opts.output_format == "datasets" and not opts.keep_shards:

@@ -81,7 +81,9 @@ def output_features(options: EncodeOptions, vq: bool, passthrough,
                     latent_shape: Optional[Tuple[int, int, int]]) -> Tuple["datasets.Features", Dict[str, str]]:
     """The output columns, and the output name of each source column passed through: its own,
     or ``source_<name>`` where it would collide with one of ours. ``latent_shape`` (C, h, w) is
-    the shape of every row's latent, or None when it changes from row to row (buckets)."""
+    the shape of every row's latent, or None when it changes from row to row (buckets). Rows of
+    sharded inputs (``options.shards``/``streaming``) add ``shard`` (its position in the shard
+    list; ``index`` counts within the shard) and ``fields`` (the sample's other members, JSON)."""
     from datasets import Array2D, Array3D, Features, List, Value
 
     value = VALUE_TYPES[options.dtype]
@@ -90,7 +92,10 @@ def output_features(options: EncodeOptions, vq: bool, passthrough,
     else:
         latent, tokens = Array3D(latent_shape, value), Array2D(latent_shape[1:], "int32")
     pair = List(Value("int32"))
-    columns: Dict[str, Any] = {"id": Value("string"), "index": Value("int64"), "latent": latent}
+    columns: Dict[str, Any] = {"id": Value("string"), "index": Value("int64")}
+    if options.sharded:
+        columns.update({"shard": Value("int32"), "fields": Value("string")})
+    columns["latent"] = latent
     if options.layout == "diffusers":
         columns["model_input"] = latent
     if options.latent == "mean_logvar":
@@ -179,36 +184,62 @@ class ShardStore:
 
 
 class ShardAssembler:
-    """Collects the encoded rows of the shards in flight and writes each one when complete."""
+    """Collects the encoded rows of the shards in flight and writes each one when complete.
 
-    def __init__(self, store: ShardStore, source: ImageSource, options: EncodeOptions, features,
+    Rows are addressed by a key: here the input's index in the source, whose shard is
+    ``key // shard_size``. ``streaming.StreamAssembler`` addresses rows of sharded inputs instead.
+    """
+
+    def __init__(self, store: ShardStore, source: Optional[ImageSource], options: EncodeOptions, features,
                  passthrough: Dict[str, str]):
         self.store, self.source, self.options, self.features = store, source, options, features
         self.passthrough = passthrough
         self.pending: Dict[int, Dict[str, Any]] = {}
 
+    # ---- how rows are addressed (overridden for sharded inputs)
+    def shard_of(self, key: int) -> int:
+        return key // self.store.shard_size
+
+    def expected_rows(self, shard: int) -> Optional[int]:
+        """Inputs in ``shard`` (rows + failures), or None while not known yet."""
+        return len(self.store.indices(shard))
+
+    def row_index(self, key: int) -> int:
+        return key
+
+    def row_id(self, key: int) -> str:
+        return self.source.key(key)
+
+    def other_columns(self, keys: List[int]) -> Dict[str, Any]:
+        """The source's other columns for these rows, as Arrow arrays: passed through unchanged."""
+        if not self.passthrough:
+            return {}
+        table = passthrough_dataset(self.source).select(keys).with_format("arrow")[:]
+        return {new: table.column(name).combine_chunks() for name, new in self.passthrough.items()}
+
+    # ---- collecting
     def _shard(self, shard: int) -> Dict[str, Any]:
         return self.pending.setdefault(shard, {"seen": 0, "parts": [], "failures": []})
 
-    def add_rows(self, indices: List[int], records: List[Dict[str, Any]], encoded: Dict[str, torch.Tensor],
+    def add_rows(self, keys: List[int], records: List[Dict[str, Any]], encoded: Dict[str, torch.Tensor],
                  seeds: Optional[List[int]]) -> None:
         rows = {name: to_storage(value, self.options.dtype) for name, value in encoded.items() if name != "tokens"}
-        keep = list(range(len(indices)))
+        keep = list(range(len(keys)))
         if self.options.dtype == "fp16":  # beyond ±65504: listed as failures, never stored as inf
-            finite = np.array([np.isfinite(v.reshape(len(indices), -1)).all(axis=1) for v in rows.values()]).all(axis=0)
+            finite = np.array([np.isfinite(v.reshape(len(keys), -1)).all(axis=1) for v in rows.values()]).all(axis=0)
             for i in np.flatnonzero(~finite):
-                self._fail(indices[i], "latent exceeds the fp16 range; encode with --dtype fp32")
+                self._fail(keys[i], "latent exceeds the fp16 range; encode with --dtype fp32")
             keep = np.flatnonzero(finite).tolist()
         if not keep:
             return
         by_shard: Dict[int, List[int]] = {}
         for position in keep:
-            by_shard.setdefault(indices[position] // self.store.shard_size, []).append(position)
+            by_shard.setdefault(self.shard_of(keys[position]), []).append(position)
         for shard, positions in by_shard.items():
             part = {name: array[positions] for name, array in rows.items()}
             if "tokens" in encoded:
                 part["tokens"] = encoded["tokens"][positions].numpy().astype(np.int32)
-            part["index"] = [indices[p] for p in positions]
+            part["keys"] = [keys[p] for p in positions]
             part["records"] = [records[p] for p in positions]
             part["seeds"] = [seeds[p] for p in positions] if seeds is not None else None
             entry = self._shard(shard)
@@ -216,20 +247,20 @@ class ShardAssembler:
             entry["seen"] += len(positions)
             self._flush_if_complete(shard)
 
-    def _fail(self, index: int, reason: str) -> None:
-        shard = index // self.store.shard_size
+    def _fail(self, key: int, reason: str) -> None:
+        shard = self.shard_of(key)
         entry = self._shard(shard)
-        entry["failures"].append({"index": index, "id": self.source.key(index), "reason": reason})
+        entry["failures"].append({"index": self.row_index(key), "id": self.row_id(key), "reason": reason})
         entry["seen"] += 1
         self._flush_if_complete(shard)
 
     def add_failures(self, failures: List[Tuple[int, str]]) -> None:
-        for index, reason in failures:
-            self._fail(index, reason)
+        for key, reason in failures:
+            self._fail(key, reason)
 
     def _flush_if_complete(self, shard: int) -> None:
         entry = self.pending[shard]
-        if entry["seen"] == len(self.store.indices(shard)):
+        if entry["seen"] == self.expected_rows(shard):
             del self.pending[shard]
             failures = sorted(entry["failures"], key=lambda f: f["index"])
             self.store.write(shard, self._table(entry["parts"]), failures)
@@ -240,13 +271,13 @@ class ShardAssembler:
         schema = self.features.arrow_schema
         if not parts:
             return schema.empty_table()
-        indices = [i for part in parts for i in part["index"]]
+        keys = [k for part in parts for k in part["keys"]]
         records = [r for part in parts for r in part["records"]]
         columns: Dict[str, Any] = {
-            "id": pa.array([self.source.key(i) for i in indices]),
-            "index": pa.array(indices, pa.int64()),
+            "id": pa.array([self.row_id(k) for k in keys], pa.string()),
+            "index": pa.array([self.row_index(k) for k in keys], pa.int64()),
             "latent_shape": pa.array([list(part["latent"].shape[1:]) for part in parts
-                                      for _ in part["index"]], pa.list_(pa.int32())),
+                                      for _ in part["keys"]], pa.list_(pa.int32())),
         }
         for name in ARRAY_COLUMNS:
             if name in parts[0]:
@@ -256,14 +287,7 @@ class ShardAssembler:
         names = RECORD_COLUMNS[self.options.layout]
         for key in RECORD_KEYS:
             columns[names.get(key, key)] = pa.array([r[key] for r in records])
-        columns.update(self._passthrough(indices))
+        columns.update(self.other_columns(keys))
         table = pa.Table.from_arrays([_as_type(columns[name], schema.field(name).type) for name in schema.names],
                                      schema=schema)
-        return table.take(pa.array(np.argsort(indices, kind="stable")))
-
-    def _passthrough(self, indices: List[int]) -> Dict[str, Any]:
-        """The source's other columns for these rows, as Arrow arrays: passed through unchanged."""
-        if not self.passthrough:
-            return {}
-        table = passthrough_dataset(self.source).select(indices).with_format("arrow")[:]
-        return {new: table.column(name).combine_chunks() for name, new in self.passthrough.items()}
+        return table.take(pa.array(np.argsort(keys, kind="stable")))
