@@ -494,5 +494,6 @@ def test_command_line_defaults_are_the_api_defaults():
     for name in ("resolution", "buckets", "patch_size", "upscale", "latent", "seed", "dtype", "layout", "precision",
                  "tiled", "tile_size",
                  "tile_overlap", "image_column", "split", "shard_size", "batch_size", "channels_last", "compile",
-                 "compile_backend", "overwrite", "keep_shards"):
+                 "compile_backend", "overwrite", "keep_shards", "output_format", "shards", "streaming", "shard_slice",
+                 "max_samples", "push_to_hub", "hub_private"):
         assert getattr(args, name) == getattr(defaults, name), name
