@@ -24,6 +24,14 @@ def _public_name(reference: Optional[str]) -> str:
     return Path(reference).name if Path(reference).is_absolute() else reference
 
 
+def _data_name(data: Dict[str, Any]) -> str:
+    """What was encoded, without local paths: a shard count, a hub dataset id, a folder's name."""
+    if "shards" in data:  # a hub dataset read as a stream keeps its id; shard files their count only
+        hub_id = data["streaming"] and not Path(data["source"]).expanduser().exists()
+        return f"{data['shards']} shards" + (f" of {data['source']}" if hub_id else "")
+    return _public_name(data["source"])
+
+
 def _statistics(output_dir: Path, config: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     """``latent_stats.json`` when ``latent-vae stats`` wrote it, else computed now (not for
     webdataset shards, which stats does not read)."""
@@ -49,7 +57,7 @@ def dataset_card(output_dir: Path, data_files: str) -> str:
         "tags:", "- latent-diffusion", "- latents", "- latent-vae",
         "configs:", "- config_name: default", "  data_files:", "  - split: train", f"    path: {data_files}",
         "---", "",
-        f"# Latents of {_public_name(identity['data']['source'])}", "",
+        f"# Latents of {_data_name(identity['data'])}", "",
         f"Encoded with `latent-vae encode` by the {identity['model']['class']} "
         f"`{_public_name(config.get('model_path'))}` (weights SHA-256 `{identity['model']['weights_sha256']}`).", "",
         "| | |", "| --- | --- |",

@@ -1,23 +1,27 @@
 """One encode run: ``encode_dataset`` reads images (a folder, a ``save_to_disk`` dataset, a hub
-dataset), preprocesses them (resize + centre crop, or SDXL-style aspect-ratio buckets, recorded
-per row), encodes them in batches and writes a ``datasets``-loadable directory::
+dataset, or sharded input: webdataset/parquet shards, a streaming dataset), preprocesses them
+(resize + centre crop, or SDXL-style aspect-ratio buckets, recorded per row), encodes them in
+batches and writes::
 
     latents/
-      data-*.arrow, dataset_info.json, state.json   datasets.load_from_disk("latents/")
+      data-*.arrow, dataset_info.json, state.json   --format datasets: datasets.load_from_disk("latents/")
+      data/train-*.parquet | data/train-*.tar       --format parquet | webdataset: one file per shard
       encode_config.json   what defines the output (model, data, preprocessing, storage)
       failures.jsonl       one line per unusable input: {"index", "id", "reason"}
       summary.json         counts (read = encoded + failed); written last: the run is complete
-      shards/              per-shard files while the run is in progress
+      shards/              per-shard manifests (and, for datasets, the shards until the merge)
 
-Resumable and loss-free: the inputs are cut into fixed shards of ``shard_size`` consecutive
-indices; shard ``j`` belongs to process ``j mod P`` and counts as done once its manifest exists
+Resumable and loss-free: the inputs are cut into shards (``shard_size`` consecutive indices of
+an image source; one output shard per input shard of a sharded input); shard ``j`` of the job
+belongs to process ``j mod P`` and counts as done once its manifest exists
 (``storage.ShardStore``) and its data matches the SHA-256 recorded there. A killed run restarted
 with the same settings (any number of processes) redoes only the shards that are not done, a
-shard truncated or garbled on disk included (named in a warning). The merge verifies every shard
-again and checks that every input index appears exactly once, as a row or as a failure.
+shard truncated or garbled on disk included (named in a warning). The finish verifies every
+shard again and checks that every input appears exactly once, as a row or as a failure.
 
 One encode, one writer: the main process holds an exclusive lock on ``OUTPUT/.lock`` for the
-whole run (``runtime.try_lock``: the kernel drops it when the process dies, even by SIGKILL).
+whole run (``runtime.try_lock``: the kernel drops it when the process dies, even by SIGKILL);
+the jobs of ``--shard-slice`` hold it shared, each with its slice's lock.
 """
 
 from __future__ import annotations
