@@ -312,6 +312,24 @@ def _counts(store: ShardStore, shards: Sequence[int]) -> Tuple[int, int, int]:
     return encoded + failed, encoded, failed
 
 
+class _WaitTimer:
+    """Iterates a DataLoader, adding up in ``waited`` the seconds spent waiting for its items
+    (the encoder idle for want of input)."""
+
+    def __init__(self, loader):
+        self.loader, self.waited = loader, 0.0
+
+    def __iter__(self):
+        iterator = iter(self.loader)
+        while True:
+            tick = time.perf_counter()
+            item = next(iterator, None)
+            self.waited += time.perf_counter() - tick
+            if item is None:
+                return
+            yield item
+
+
 def _encode_stream(encoder: LatentEncoder, inputs: StreamInputs, assembler: StreamAssembler, shards: int,
                    opts: EncodeOptions, device: torch.device, accelerator) -> Dict[str, float]:
     """Encode this process's input shards, each read whole by one DataLoader worker; samples are
@@ -328,7 +346,7 @@ def _encode_stream(encoder: LatentEncoder, inputs: StreamInputs, assembler: Stre
     progress = tqdm(total=shards, unit="shard", desc=f"encode rank {rank}", position=rank, disable=not opts.progress,
                     dynamic_ncols=True)
     batch: List[Dict[str, Any]] = []
-    start, waited, samples, failed = time.perf_counter(), 0.0, 0, 0
+    start, samples, failed = time.perf_counter(), 0, 0
 
     def encode_batch() -> None:
         for group in collate_by_size([{**item, "index": item["key"]} for item in batch])["groups"]:
@@ -338,14 +356,9 @@ def _encode_stream(encoder: LatentEncoder, inputs: StreamInputs, assembler: Stre
                                encoder(group["pixels"].to(device, non_blocking=True), seeds), seeds)
         batch.clear()
 
+    items = _WaitTimer(loader)
     with torch.inference_mode():
-        iterator = iter(loader)
-        while True:
-            tick = time.perf_counter()
-            item = next(iterator, None)
-            waited += time.perf_counter() - tick
-            if item is None:
-                break
+        for item in items:
             if "end" in item:  # the shard's samples are all here: encode the rest, then write it
                 encode_batch()
                 assembler.end_shard(item["shard"], item["end"])
@@ -364,7 +377,7 @@ def _encode_stream(encoder: LatentEncoder, inputs: StreamInputs, assembler: Stre
                                  refresh=False)
     progress.close()
     elapsed = time.perf_counter() - start
-    return {"images_per_second": samples / elapsed, "data_wait_fraction": waited / elapsed}
+    return {"images_per_second": samples / elapsed, "data_wait_fraction": items.waited / elapsed}
 
 
 def _encode_shards(encoder: LatentEncoder, inputs: EncodeInputs, assembler: ShardAssembler, shards: List[int],
@@ -384,15 +397,10 @@ def _encode_shards(encoder: LatentEncoder, inputs: EncodeInputs, assembler: Shar
         prefetch_factor=opts.prefetch_factor if opts.num_workers > 0 else None,
     )
     progress = tqdm(total=total, unit="img", desc="encode", disable=not show_progress, dynamic_ncols=True)
-    start, waited, failed = time.perf_counter(), 0.0, 0
-    iterator = iter(loader)
+    start, failed = time.perf_counter(), 0
+    batches = _WaitTimer(loader)
     with torch.inference_mode():
-        while True:
-            tick = time.perf_counter()
-            batch = next(iterator, None)
-            waited += time.perf_counter() - tick
-            if batch is None:
-                break
+        for batch in batches:
             for group in batch["groups"]:
                 seeds = [derive_seed(opts.seed, i) for i in group["indices"]] if opts.latent == "sample" else None
                 encoded = encoder(group["pixels"].to(device, non_blocking=True), seeds)
@@ -404,7 +412,7 @@ def _encode_shards(encoder: LatentEncoder, inputs: EncodeInputs, assembler: Shar
                 progress.set_postfix(failed=failed, refresh=False)
     progress.close()
     elapsed = time.perf_counter() - start
-    return {"images_per_second": total / elapsed, "data_wait_fraction": waited / elapsed}
+    return {"images_per_second": total / elapsed, "data_wait_fraction": batches.waited / elapsed}
 
 
 def _description(identity: Dict[str, Any]) -> str:

@@ -140,7 +140,8 @@ def config_updates(stats: LatentStatistics, fields: str, class_name: str) -> Dic
     return {**per_channel, "scaling_factor": 1.0, "shift_factor": None}
 
 
-def write_to_model_config(model_dir: Union[str, Path], stats: LatentStatistics, fields: str = "global") -> Dict[str, Any]:
+def write_to_model_config(model_dir: Union[str, Path], stats: LatentStatistics,
+                          fields: str = "global") -> Dict[str, Any]:
     """Update ``model_dir/config.json`` in place (atomically); returns the keys written."""
     path = Path(model_dir) / "config.json"
     if not path.is_file():
