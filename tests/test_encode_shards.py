@@ -19,6 +19,7 @@ import torch
 from diffusers import AutoencoderKL
 from shards import write_shards
 
+from latent_vae.encode.hub import dataset_card
 from latent_vae.encode.run import encode_dataset
 from latent_vae.encode.streaming import samples_per_shard
 from latent_vae.errors import ConfigError
@@ -66,6 +67,8 @@ def test_every_readable_sample_once_and_every_bad_one_named(tmp_path, kl_dir, fm
     assert all("sample" in json.loads(f).get("txt" if fmt == "tar" else "caption", "sample")
                for f in table.column("fields").to_pylist())
     assert table.column("latent_shape").to_pylist()[0] == [4, 2, 2]
+    card = dataset_card(out, "data/*.parquet")  # what --push-to-hub uploads: no local path in it
+    assert "# Latents of 3 shards" in card and str(tmp_path) not in card and "| rows | 12 of 21 inputs" in card
 
 
 def test_max_samples_takes_the_same_first_samples_of_every_shard(tmp_path, kl_dir):
@@ -118,6 +121,7 @@ def descendants(pid: int) -> list:
 KILLABLE = """
 import sys, time, torch
 torch.set_num_threads(1)
+from latent_vae.encode.hub import dataset_card
 from latent_vae.encode.run import encode_dataset
 from latent_vae.models.loading import load_autoencoder
 model, shards, out, delay = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
