@@ -58,8 +58,15 @@ class DataConfig:
     pin_memory: bool = True
     prefetch_factor: int = 4
     verify: bool = True
+    # Sharded streams (data/streams.py, docs/SCALE.md): tar/parquet shards, or data.path streamed.
+    shards: Any = None  # a pattern (brace range, glob, folder, path, URL) or a list of them
+    streaming: bool = False  # read data.path as a 🤗 dataset with streaming=True
+    shuffle_buffer: int = 1000  # samples shuffled together (one block); 0 or 1 = shard order
+    shuffle_shards: bool = True  # a new shard order every epoch
+    key_column: Optional[str] = None  # parquet/datasets: the column of sample keys (default __key__, else row)
 
     def __post_init__(self) -> None:
+        self._check_stream_keys()
         check_choice("data.crop", self.crop, ("random", "center"))
         check_positive("data.resolution", self.resolution)
         check_positive("data.val_images", self.val_images, allow_zero=True)
@@ -70,6 +77,25 @@ class DataConfig:
             check_positive("data.resize", self.resize, allow_zero=True)
         if self.resolution % 8:
             raise ConfigError(f"data.resolution={self.resolution} must be a multiple of 8")
+
+    def _check_stream_keys(self) -> None:
+        check_positive("data.shuffle_buffer", self.shuffle_buffer, allow_zero=True)
+        patterns = [self.shards] if isinstance(self.shards, str) else self.shards
+        if self.shards is not None and (not isinstance(patterns, list) or not patterns
+                                        or not all(isinstance(p, str) and p for p in patterns)):
+            raise ConfigError(f"data.shards={self.shards!r} must be a shard pattern or a list of them, e.g. "
+                              "data.shards=/data/train-{000000..000099}.tar")
+        if self.shards is not None and (self.path is not None or self.streaming):
+            raise ConfigError("data.shards and data.path are two inputs: give one (data.streaming applies to "
+                              "data.path)")
+        if self.streaming and self.path is None:
+            raise ConfigError("data.streaming=true reads data.path as a streaming 🤗 dataset: set data.path "
+                              "(a hub dataset name or a local data folder)")
+
+    @property
+    def is_stream(self) -> bool:
+        """Training reads a sharded stream (``data.shards`` or ``data.streaming``), not a map-style source."""
+        return self.shards is not None or self.streaming
 
 
 @dataclass

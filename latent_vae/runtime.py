@@ -1,8 +1,10 @@
-"""How code runs: precision and autocast with fp32 fallback, torch.compile with eager fallback, atomic file writes."""
+"""How code runs: precision and autocast with fp32 fallback, torch.compile with eager fallback, atomic file
+writes, content digests of files, and the one lock of an output folder."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -10,7 +12,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, List, Optional, Tuple
+from typing import IO, Any, Callable, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -170,6 +172,32 @@ def atomic_write_bytes(path: Path, write: Callable[[Any], None]) -> Path:
 
 def atomic_write_json(path: Path, payload: Any) -> Path:
     return atomic_write_bytes(path, lambda h: h.write(json.dumps(payload, indent=1, sort_keys=True).encode()))
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file's content, read in 1 MiB blocks: what a manifest records, so that a file
+    corrupted in place at the same size is caught when it is read back."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def try_lock(path: Path, shared: bool = False) -> Optional[IO]:
+    """An ``flock`` on ``path`` (created if needed), or None when another process holds a
+    conflicting one. The open handle holds the lock until it is closed or its process ends: the
+    kernel drops it even after SIGKILL, so no stale lock file ever has to be cleaned up. Several
+    ``shared`` holders coexist; an exclusive one excludes all others."""
+    import fcntl
+
+    handle = open(path, "a")
+    try:
+        fcntl.flock(handle, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        return None
+    return handle
 
 
 def replace_dir(staging: Path, final: Path) -> Path:

@@ -160,22 +160,23 @@ def test_dataset_columns_pass_through_unchanged(tmp_path, kl_dir, photo_folder):
     assert rows.features["label"] == source.features["label"]
 
 
-def test_fp16_and_bf16_storage_round_trip_exactly(tmp_path, kl_dir, photo_folder):
+def test_fp16_storage_round_trips_exactly_and_bf16_is_refused(tmp_path, kl_dir, photo_folder):
     encode(kl_dir, photo_folder, tmp_path / "fp32", batch_size=6)
     reference, _ = load_latent_dataset(tmp_path / "fp32")
-    for dtype, torch_dtype, arrow_type in (("fp16", torch.float16, "float16"), ("bf16", torch.bfloat16, "int16")):
-        encode(kl_dir, photo_folder, tmp_path / dtype, batch_size=6, dtype=dtype)
-        rows, config = load_latent_dataset(tmp_path / dtype)
-        assert rows.features["latent"].feature.feature.feature.dtype == arrow_type
-        for row, ref in zip(rows, reference):
-            stored = latent_to_tensor(row["latent"], dtype)
-            assert stored.dtype == torch_dtype and torch.equal(stored, as_tensor(ref["latent"]).to(torch_dtype))
-        # The documented route from the torch format: fp16 arrives as exact float32 values, bf16 as
-        # its int16 bit pattern (widened to int64 by datasets).
-        value = rows.with_format("torch")[0]["latent"]
-        expected = as_tensor(reference[0]["latent"]).to(torch_dtype)
-        restored = value.to(torch.int16).view(torch.bfloat16) if dtype == "bf16" else value.to(torch.float16)
-        assert torch.equal(restored, expected)
+    encode(kl_dir, photo_folder, tmp_path / "fp16", batch_size=6, dtype="fp16")
+    rows, config = load_latent_dataset(tmp_path / "fp16")
+    assert rows.features["latent"] == datasets.Array3D((4, 4, 4), "float16")
+    for row, ref in zip(rows, reference):
+        stored = latent_to_tensor(row["latent"], "fp16")
+        assert stored.dtype == torch.float16 and torch.equal(stored, as_tensor(ref["latent"]).half())
+    # Fixed-shape arrays: the torch format gives float tensors of the latent's shape, per row and
+    # per batch, holding the stored fp16 values exactly.
+    batch = rows.with_format("torch")[:3]["latent"]
+    assert batch.dtype == torch.float32 and batch.shape == (3, 4, 4, 4)
+    assert torch.equal(batch.half(), as_tensor(reference["latent"][:3]).half())
+    with pytest.raises(ConfigError, match="bf16 is not offered.*use --dtype fp16"):
+        encode(kl_dir, photo_folder, tmp_path / "bf16", dtype="bf16")
+    assert not (tmp_path / "bf16").exists()
 
 
 def test_sdxl_buckets_record_what_was_done(tmp_path, kl_dir):
@@ -183,9 +184,9 @@ def test_sdxl_buckets_record_what_was_done(tmp_path, kl_dir):
     folder = write_images(tmp_path / "images", sizes)
     encode(kl_dir, folder, tmp_path / "latents", buckets="sdxl", resolution=64, batch_size=4)
     rows, config = load_latent_dataset(tmp_path / "latents")
-    buckets = bucket_sizes(64, 8)
+    buckets = bucket_sizes(64, 16)  # sides: the VAE factor 8 × the default --patch-size 2
     assert config["buckets"] == [list(b) for b in buckets] and [64, 64] in config["buckets"]
-    assert all(h % 8 == 0 and w % 8 == 0 for h, w in buckets)
+    assert all(h % 16 == 0 and w % 16 == 0 for h, w in buckets)
     upscaled = set()
     for row in rows:
         width, height = sizes[row["id"]]
@@ -410,7 +411,7 @@ def test_tile_overlap_that_would_misplace_tiles_is_refused():
 
 
 def test_decode_writes_what_stock_diffusers_decodes(tmp_path, kl_dir, photo_folder, capsys):
-    encode(kl_dir, photo_folder, tmp_path / "latents", dtype="bf16")
+    encode(kl_dir, photo_folder, tmp_path / "latents", dtype="fp16")
     assert main(["decode", "--latents", str(tmp_path / "latents"), "--output-dir", str(tmp_path / "previews"),
                  "--limit", "2"]) == 0
     assert "wrote 2 images" in capsys.readouterr().out
@@ -420,7 +421,7 @@ def test_decode_writes_what_stock_diffusers_decodes(tmp_path, kl_dir, photo_fold
     vae = AutoencoderKL.from_pretrained(kl_dir).eval()
     for row, file in zip(rows, files):
         with torch.no_grad():
-            stock = vae.decode(latent_to_tensor(row["latent"], "bf16").float()[None]).sample
+            stock = vae.decode(latent_to_tensor(row["latent"], "fp16").float()[None]).sample
         expected = ((stock.clamp(-1, 1) + 1) * 127.5).round()[0].permute(1, 2, 0)
         assert (torch.from_numpy(np.array(Image.open(file))).float() - expected).abs().max() <= 1
 
@@ -435,9 +436,8 @@ def test_statistics_of_a_known_distribution_are_exact(tmp_path):
     # sum-of-squares loses every digit here.
     latents = [rng.normal(means[:, None, None], stds[:, None, None], size=(4, *shape)).astype(np.float32)
                for shape in [(8, 8)] * 20 + [(4, 16)] * 20]
-    for dtype in ("fp32", "bf16"):
-        stored = [latent_to_tensor(z, "fp32").to(torch.bfloat16).view(torch.int16).numpy() if dtype == "bf16" else z
-                  for z in latents]
+    for dtype in ("fp32", "fp16"):
+        stored = [z.astype(np.float16) if dtype == "fp16" else z for z in latents]
         rows = datasets.Dataset.from_dict({"latent": [z.tolist() for z in stored],
                                            "latent_shape": [list(z.shape) for z in latents]})
         stats = latent_statistics(rows, dtype, batch_size=16)
@@ -448,8 +448,8 @@ def test_statistics_of_a_known_distribution_are_exact(tmp_path):
         assert math.isclose(stats.mean, values.mean(), rel_tol=1e-9)
         assert math.isclose(stats.std, values.std(ddof=1), rel_tol=1e-9)
         assert math.isclose(stats.scaling_factor, 1 / values.std(ddof=1), rel_tol=1e-9)
-        # ... and they are the distribution's parameters, up to sampling error (and bf16 rounding
-        # of 1e4, whose spacing is 64: that channel's std is then the rounding's).
+        # ... and they are the distribution's parameters, up to sampling error (and fp16 rounding
+        # of 1e4, whose spacing is 8: that channel's std is then the rounding's).
         assert np.allclose(stats.channel_mean[1:], means[1:], atol=0.05)
         assert np.allclose(stats.channel_std[1:], stds[1:], rtol=0.05)
         assert stats.values_per_channel == 40 * 64 and stats.rows == 40
@@ -491,7 +491,9 @@ def test_stats_write_the_scale_into_a_config_that_diffusers_loads(tmp_path, kl_d
 def test_command_line_defaults_are_the_api_defaults():
     args = build_parser().parse_args(["encode", "--model", "m", "--output-dir", "o"])
     defaults = EncodeOptions()
-    for name in ("resolution", "buckets", "upscale", "latent", "seed", "dtype", "precision", "tiled", "tile_size",
+    for name in ("resolution", "buckets", "patch_size", "upscale", "latent", "seed", "dtype", "layout", "precision",
+                 "tiled", "tile_size",
                  "tile_overlap", "image_column", "split", "shard_size", "batch_size", "channels_last", "compile",
-                 "compile_backend", "overwrite", "keep_shards"):
+                 "compile_backend", "overwrite", "keep_shards", "output_format", "shards", "streaming", "shard_slice",
+                 "max_samples", "push_to_hub", "hub_private"):
         assert getattr(args, name) == getattr(defaults, name), name

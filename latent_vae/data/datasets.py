@@ -29,6 +29,13 @@ class TrainDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.source)
 
+    def describe(self) -> str:
+        return f"{len(self.source)} training images from {self.source.name}"
+
+    def sample_source(self, count: int) -> ImageSource:
+        """The first ``count`` training images (previews, the exported scaling factor)."""
+        return self.source.subset(range(min(count, len(self.source))))
+
     def __getitem__(self, key: Tuple[int, int]) -> Dict[str, Any]:
         index, seed = key
         failures = []

@@ -31,7 +31,15 @@ def load_latent_dataset(path: Union[str, Path]) -> Tuple["datasets.Dataset", Dic
         if (path / "encode_config.json").is_file():
             raise DataError(f"{path} is an unfinished encode; rerun the same encode command to complete it")
         raise FileNotFoundError(f"{path} is not an encode output of `latent-vae encode` (no summary.json)")
-    return datasets.load_from_disk(str(path)), json.loads((path / "encode_config.json").read_text())
+    config = json.loads((path / "encode_config.json").read_text())
+    output_format = config["identity"].get("output_format", "datasets")
+    if output_format == "parquet":
+        files = sorted(str(f) for f in (path / "data").glob("*.parquet"))
+        return datasets.Dataset.from_parquet(files, keep_in_memory=False), config
+    if output_format == "webdataset":
+        raise DataError(f"{path} holds webdataset tar shards, which decode and stats do not read; read them with "
+                        "webdataset or tarfile (docs/ENCODING.md), or encode with --format datasets or parquet")
+    return datasets.load_from_disk(str(path)), config
 
 
 def stored_dtype(config: Dict[str, Any]) -> str:

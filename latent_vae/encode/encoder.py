@@ -7,7 +7,7 @@ from typing import Dict, Optional, Sequence
 import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-from ..models.stock import Autoencoder, encoder_output, is_vq, latents_to_indices
+from ..models.stock import Autoencoder, encoder_output, is_vq, latents_to_indices, to_diffusion_latents
 from ..runtime import _CompiledOrEager, run_with_fp32_fallback
 from ..seeding import seeded_normal
 from .preprocess import to_model_input
@@ -18,15 +18,19 @@ class LatentEncoder:
 
     Returns fp32 CPU tensors: ``latent`` (posterior mean, or a posterior sample for
     ``latent="sample"``; for VQ the pre-quantisation latent ``VQModel.encode(x).latents``),
-    ``logvar`` (``mean_logvar``), ``tokens`` (VQ: ``latents_to_indices`` of the same latents).
+    ``logvar`` (``mean_logvar``), ``tokens`` (VQ: ``latents_to_indices`` of the same latents), and
+    with ``diffusion_input`` ``model_input``: ``latent`` as a diffusion pipeline built on the model
+    sees it (``models.stock.to_diffusion_latents``: shift, then scaling factor, from the config).
 
     Under fp16 autocast a batch whose output is not finite is recomputed in fp32 (counted in
     ``fp32_retries``): some VAEs overflow fp16 (the reason sdxl-vae-fp16-fix exists).
     """
 
     def __init__(self, model: Autoencoder, latent: str = "mean", precision: str = "fp32",
-                 channels_last: bool = False, compile: bool = False, compile_backend: str = "inductor"):
+                 channels_last: bool = False, compile: bool = False, compile_backend: str = "inductor",
+                 diffusion_input: bool = False):
         self.model, self.latent, self.precision = model.eval().requires_grad_(False), latent, precision
+        self.diffusion_input = diffusion_input
         self.vq, self.channels_last, self.fp32_retries = is_vq(model), channels_last, 0
         self.device = next(model.parameters()).device
         if channels_last:
@@ -51,7 +55,8 @@ class LatentEncoder:
         moments, retried = run_with_fp32_fallback(self._forward, images, self.precision, retry=self._moments)
         self.fp32_retries += int(retried)
         if self.vq:
-            return {"latent": moments.cpu(), "tokens": latents_to_indices(self.model, moments).cpu()}
+            out = {"latent": moments, "tokens": latents_to_indices(self.model, moments)}
+            return self._with_diffusion_input(out)
         posterior = DiagonalGaussianDistribution(moments)
         out = {"latent": posterior.mean}
         if self.latent == "mean_logvar":
@@ -62,4 +67,9 @@ class LatentEncoder:
             # with `torch.Generator().manual_seed(seed)` and batch 1.
             noise = seeded_normal(seeds, posterior.mean.shape[1:], device="cpu", dtype=torch.float32, salt=0)
             out["latent"] = posterior.mean + posterior.std * noise.to(self.device)
+        return self._with_diffusion_input(out)
+
+    def _with_diffusion_input(self, out: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        if self.diffusion_input:
+            out["model_input"] = to_diffusion_latents(self.model, out["latent"])
         return {name: value.cpu() for name, value in out.items()}

@@ -11,11 +11,13 @@ from typing import Any, Dict, List, Optional, Union
 import torch
 
 from ..data.sources import ImageSource
+from ..data.streams import StreamSource
 from ..errors import ConfigError
 from ..models.stock import Autoencoder
 from .options import EncodeOptions
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: shard manifests hold SHA-256 and indices; Array3D latents
+LOCK_NAME = ".lock"  # held by the encode writing the folder (runtime.try_lock)
 
 
 def model_fingerprint(model: Autoencoder) -> str:
@@ -28,7 +30,11 @@ def model_fingerprint(model: Autoencoder) -> str:
     return digest.hexdigest()
 
 
-def source_fingerprint(source: ImageSource) -> str:
+def source_fingerprint(source: Union[ImageSource, StreamSource]) -> str:
+    """What the inputs are: the shard list of a sharded input, the dataset fingerprint of a
+    dataset, the file list of a folder."""
+    if isinstance(source, StreamSource):
+        return hashlib.sha256("\n".join(source.shards).encode()).hexdigest()
     digest = hashlib.sha256(str(len(source)).encode())
     dataset = getattr(source, "dataset", None)
     if dataset is not None:
@@ -48,18 +54,39 @@ def model_path(model: Union[str, Path, Autoencoder]) -> Optional[str]:
     return str(local.resolve()) if local.exists() else str(name)
 
 
-def run_identity(vae: Autoencoder, source: ImageSource, opts: EncodeOptions, precision: str) -> Dict[str, Any]:
+def diffusion_scaling(vae: Autoencoder) -> Dict[str, Any]:
+    """The config fields by which ``model_input`` was made from ``latent``, as diffusers pipelines
+    apply them (``models.stock.to_diffusion_latents``)."""
+    config = vae.config
+    fields = {name: config.get(name) for name in ("scaling_factor", "shift_factor", "latents_mean", "latents_std")}
+    if fields["latents_mean"] is not None and fields["latents_std"] is not None:
+        formula = "model_input = (latent - latents_mean) * scaling_factor / latents_std (per channel)"
+    else:
+        formula = "model_input = (latent - shift_factor) * scaling_factor" if fields["shift_factor"] \
+            else "model_input = latent * scaling_factor"
+    return {**fields, "formula": formula}
+
+
+def run_identity(vae: Autoencoder, source: Union[ImageSource, StreamSource], opts: EncodeOptions,
+                 precision: str) -> Dict[str, Any]:
     """Everything that determines the rows: a resumed run must match it exactly."""
     return {
         "format": FORMAT_VERSION,
         "model": {"class": type(vae).__name__, "weights_sha256": model_fingerprint(vae)},
-        "data": {"source": str(source.name), "inputs": len(source), "fingerprint": source_fingerprint(source),
-                 "image_column": opts.image_column, "split": opts.split},
-        "preprocessing": {"resolution": opts.resolution, "buckets": opts.buckets, "upscale": opts.upscale},
+        "data": {"source": str(source.name), "fingerprint": source_fingerprint(source),
+                 "image_column": opts.image_column, "split": opts.split,
+                 **({"shards": len(source.shards), "streaming": opts.streaming, "key_column": opts.key_column,
+                     "image_key": opts.image_key, "max_samples": opts.max_samples}
+                    if isinstance(source, StreamSource) else {"inputs": len(source)})},
+        "preprocessing": {"resolution": opts.resolution, "buckets": opts.buckets, "patch_size": opts.patch_size,
+                          "upscale": opts.upscale},
         "latent": {"mode": opts.latent, "seed": opts.seed, "dtype": opts.dtype, "precision": precision,
+                   "layout": opts.layout,
+                   "diffusion_scaling": diffusion_scaling(vae) if opts.layout == "diffusers" else None,
                    "tiled": opts.tiled, "tile_size": opts.tile_size if opts.tiled else None,
                    "tile_overlap": opts.tile_overlap if opts.tiled else None},
         "shard_size": opts.shard_size,
+        "output_format": opts.output_format,
     }
 
 
@@ -77,7 +104,7 @@ def _differences(old: Dict[str, Any], new: Dict[str, Any], prefix: str = "") -> 
 def prepare_output(output_dir: Path, identity: Dict[str, Any], overwrite: bool) -> str:
     """'fresh', 'resume' or 'complete'; refuses to mix two different encodes in one directory."""
     config_path = output_dir / "encode_config.json"
-    if overwrite or not output_dir.exists() or not any(output_dir.iterdir()):
+    if overwrite or not output_dir.exists() or all(p.name.startswith(LOCK_NAME) for p in output_dir.iterdir()):
         return "fresh"
     if not config_path.is_file():
         raise ConfigError(f"{output_dir} is not empty and holds no latent_vae encode; choose a new --output-dir")

@@ -30,12 +30,13 @@ SDXL_BUCKETS: Tuple[Tuple[int, int], ...] = (
 
 
 @functools.lru_cache(maxsize=None)
-def bucket_sizes(resolution: int, factor: int) -> Tuple[Tuple[int, int], ...]:
+def bucket_sizes(resolution: int, multiple: int) -> Tuple[Tuple[int, int], ...]:
     """SDXL's buckets scaled from 1024² to ``resolution``² pixels, each side rounded to a
-    multiple of ``factor`` (the VAE's downsampling factor, so latents have integer sizes)."""
+    multiple of ``multiple``: the VAE's downsampling factor × the denoiser's patch size, so
+    latents have integer sides that a patch-2 transformer (DiT, SD3, FLUX) can cut into patches."""
     sizes: List[Tuple[int, int]] = []
     for height, width in SDXL_BUCKETS:
-        size = tuple(max(factor, round(side * resolution / 1024 / factor) * factor) for side in (height, width))
+        size = tuple(max(multiple, round(side * resolution / 1024 / multiple) * multiple) for side in (height, width))
         if size not in sizes:
             sizes.append(size)
     return tuple(sizes)
@@ -53,14 +54,14 @@ class Preprocessing:
     resolution: int
     buckets: str = "none"
     upscale: bool = True
-    factor: int = 8
+    multiple: int = 16  # bucket sides: the VAE factor × the patch size
 
     def target_size(self, width: int, height: int) -> Tuple[int, int]:
         """(height, width) of the crop for an image of the given size."""
         if self.buckets == "none":
             return self.resolution, self.resolution
         aspect = math.log(width / height)
-        return min(bucket_sizes(self.resolution, self.factor), key=lambda hw: abs(math.log(hw[1] / hw[0]) - aspect))
+        return min(bucket_sizes(self.resolution, self.multiple), key=lambda hw: abs(math.log(hw[1] / hw[0]) - aspect))
 
     def __call__(self, image: Image.Image) -> Tuple[Image.Image, Dict[str, Any]]:
         width, height = image.size

@@ -24,6 +24,7 @@ from ..errors import ConfigError, check_choice
 from ..models.checks import read_json_config
 from ..runtime import atomic_write_bytes
 from .decode import load_latent_dataset, stored_dtype
+from .formats import flat_values
 from .storage import latent_to_tensor
 
 # No "both": SDXL-family pipelines apply latents_std *and* scaling_factor, so a config holding
@@ -104,7 +105,7 @@ def _channel_blocks(values: np.ndarray, shapes: List[List[int]]) -> Iterator[np.
 def latent_statistics(dataset, dtype: str, column: str = "latent", batch_size: int = 256,
                       progress: bool = False) -> LatentStatistics:
     """Exact statistics of ``column`` over every row of a latent ``datasets.Dataset`` (rows as
-    ``encode`` writes them: nested (C, h, w) values in storage ``dtype``, and ``latent_shape``)."""
+    ``encode`` writes them: (C, h, w) arrays in storage ``dtype``, and ``latent_shape``)."""
     from tqdm.auto import tqdm
 
     if column not in dataset.column_names:
@@ -115,8 +116,7 @@ def latent_statistics(dataset, dtype: str, column: str = "latent", batch_size: i
     table = dataset.select_columns([column, "latent_shape"]).with_format("arrow")
     for batch in tqdm(table.iter(batch_size=batch_size), total=-(-len(dataset) // batch_size), desc="stats",
                       unit="batch", disable=not progress):
-        flat = batch.column(column).combine_chunks().flatten().flatten().flatten().to_numpy(zero_copy_only=False)
-        values = latent_to_tensor(flat, dtype).double().numpy()
+        values = latent_to_tensor(flat_values(batch.column(column)), dtype).double().numpy()
         for block in _channel_blocks(values, batch.column("latent_shape").to_pylist()):
             moments.update(block)
     return LatentStatistics.from_moments(moments, len(dataset))

@@ -19,8 +19,7 @@ import torch
 from accelerate.utils import DistributedDataParallelKwargs
 
 from ..config import Config, config_to_dict, save_config
-from ..data.datasets import TrainDataset
-from ..data.sources import split_train_val
+from ..data.stream_dataset import training_data
 from ..distributed import make_accelerator
 from ..errors import ConfigError
 from ..interop.hub import hub_api
@@ -92,12 +91,11 @@ def _train(cfg: Config, start: RunStart, resume: Optional[str], overwrite: bool,
     checkpoint_path = find_resume_checkpoint(output_dir, resume, cfg, accelerator.num_processes, accept_changed_batch)
 
     # ---------------------------------------------------------------- data
-    train_source, val_source, failures = split_train_val(cfg.data)
+    train_dataset, val_source, failures = training_data(cfg.data)
     failure_log = FailureLog(output_dir / "skipped_inputs.txt", is_main)
     failure_log.add(failures)
-    train_dataset = TrainDataset(train_source, cfg.data)
-    logger.info("data: %d training images from %s, %d validation images", len(train_source),
-                train_source.name, 0 if val_source is None else len(val_source))
+    logger.info("data: %s, %d validation images", train_dataset.describe(),
+                0 if val_source is None else len(val_source))
 
     # ---------------------------------------------------------------- models, losses, optimisers; resume
     vae = build_trainable_vae(cfg.model)
@@ -114,7 +112,7 @@ def _train(cfg: Config, start: RunStart, resume: Optional[str], overwrite: bool,
 
     accum = cfg.train.grad_accum_steps
     images_per_step = cfg.train.batch_size * accum * accelerator.num_processes
-    loader = train_loader(train_dataset, cfg, accelerator, start_step=step)
+    loader = train_loader(train_dataset, cfg, accelerator, start_step=step, checkpoint_path=checkpoint_path)
     val_loader = validation_loader(val_source, cfg, accelerator) if val_source is not None else None
     preview = preview_batch(val_loader, train_dataset, accelerator)
     if cfg.logging.trackers:
@@ -145,7 +143,7 @@ def _train(cfg: Config, start: RunStart, resume: Optional[str], overwrite: bool,
             if guard.exhausted:
                 # Skipped steps changed nothing, so these weights are those from before the first bad step.
                 save_checkpoint(checkpoint_root, state, step, guard.skipped_steps, accelerator, cfg_dict,
-                                initial_val_metrics)
+                                initial_val_metrics, loader)
                 raise guard.error(step)
             final = step == cfg.train.max_steps
             if step % cfg.logging.log_every == 0 or final:
@@ -156,7 +154,7 @@ def _train(cfg: Config, start: RunStart, resume: Optional[str], overwrite: bool,
                 val_metrics = validate(state.inference_model(), val_loader, accelerator, step)
             if step % cfg.train.checkpoint_every == 0:
                 save_checkpoint(checkpoint_root, state, step, guard.skipped_steps, accelerator, cfg_dict,
-                                initial_val_metrics)
+                                initial_val_metrics, loader)
                 last_saved = step
             if guard.stop_requested and not final:
                 if is_main:
@@ -170,7 +168,8 @@ def _train(cfg: Config, start: RunStart, resume: Optional[str], overwrite: bool,
 
     if last_saved != step:
         save_checkpoint(checkpoint_root, state, step, guard.skipped_steps, accelerator, cfg_dict,
-                        initial_val_metrics)
+                        initial_val_metrics, loader)
+    failure_log.gather()
     elapsed = time.time() - start_time
     logger.info("trained %d steps in %.0fs (%.2f steps/s); %d steps skipped, %d inputs unreadable",
                 step - start_step, elapsed, (step - start_step) / max(elapsed, 1e-9), guard.skipped_steps,

@@ -72,20 +72,35 @@ def progress_bar_shown(is_main: bool) -> bool:
 
 
 class FailureLog:
-    """Inputs that could not be decoded: counted once each and listed in ``skipped_inputs.txt``."""
+    """Inputs that could not be decoded: counted once each and listed in ``skipped_inputs.txt``.
+
+    Every process warns about the failures it meets; the main process lists its own at once and the
+    other processes' at ``gather()`` (each rank of a sharded stream reads other shards)."""
 
     def __init__(self, path: Path, is_main: bool):
         self.path, self.is_main, self.seen = path, is_main, set()
+        self.unshared: List[Failure] = []
 
     def add(self, failures: List[Failure]) -> None:
         for failure in failures:
             if failure.key in self.seen:
                 continue
             self.seen.add(failure.key)
+            logger.warning("skipped unreadable input %s: %s", failure.key, failure.reason)
             if self.is_main:
-                logger.warning("skipped unreadable input %s: %s", failure.key, failure.reason)
                 with open(self.path, "a", encoding="utf-8") as handle:
                     handle.write(f"{failure.key}\t{failure.reason}\n")
+            else:
+                self.unshared.append(failure)
+
+    def gather(self) -> None:
+        """Collective: the main process lists (and counts) the failures the other processes met."""
+        from accelerate.utils import gather_object
+
+        shared = gather_object([(f.key, f.reason) for f in self.unshared]) if world_size() > 1 else []
+        self.unshared = []
+        if self.is_main:
+            self.add([Failure(key, reason) for key, reason in shared])
 
 
 class MetricWindow:

@@ -22,6 +22,7 @@ import torch
 from ..config import Config, config_to_dict
 from ..data.datasets import TrainBatchSampler, TrainDataset, ValidationDataset, collate
 from ..data.images import image_grid
+from ..data.stream_dataset import StreamLoader, StreamTrainDataset
 from ..distributed import all_reduce_sum_
 from ..errors import CheckpointError, TrainingError
 from ..evaluate.compare import latent_drift
@@ -214,8 +215,9 @@ def restore_checkpoint(path: Path, state: TrainState, accelerator) -> Tuple[int,
 
 
 def save_checkpoint(root: Path, state: TrainState, step: int, skipped_steps: int, accelerator,
-                    cfg_dict: Dict, initial_val_metrics: Dict[str, float]) -> None:
-    """``<root>/checkpoint-<step>``, written by all processes together (see ``checkpoint.py``).
+                    cfg_dict: Dict, initial_val_metrics: Dict[str, float], loader=None) -> None:
+    """``<root>/checkpoint-<step>``, written by all processes together (see ``checkpoint.py``); each
+    process's rank file also holds its position in a sharded data stream (``loader.state_dict()``).
 
     Every process reaches every barrier even when a write fails, then all agree to stop: a
     full disk on one rank must not leave the others waiting forever.
@@ -227,6 +229,8 @@ def save_checkpoint(root: Path, state: TrainState, step: int, skipped_steps: int
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state(accelerator.device)
+    if isinstance(loader, StreamLoader):
+        rng["data"] = loader.state_dict()
     if not errors:
         _attempt(errors, ckpt.write_rank_file, root, step, accelerator.process_index, rng)
     accelerator.wait_for_everyone()
@@ -263,16 +267,21 @@ def _attempt(errors: List[str], function, *args):
 # --------------------------------------------------------------------------- data
 
 
-def train_loader(dataset: TrainDataset, cfg: Config, accelerator, start_step: int):
-    """This process's share of the training stream, from the first batch of ``start_step`` on."""
-    sampler = TrainBatchSampler(len(dataset), cfg.train.batch_size, cfg.train.seed, accelerator.process_index,
-                                accelerator.num_processes, start_batch=start_step * cfg.train.grad_accum_steps)
+def train_loader(dataset, cfg: Config, accelerator, start_step: int, checkpoint_path: Optional[Path] = None):
+    """This process's share of the training stream, from the first batch of ``start_step`` on. A sharded
+    stream continues from the position saved in the checkpoint's rank file (``save_checkpoint``)."""
+    start_batch = start_step * cfg.train.grad_accum_steps
     workers = cfg.data.num_workers
-    return torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
-        pin_memory=cfg.data.pin_memory and accelerator.device.type == "cuda",
-        prefetch_factor=cfg.data.prefetch_factor if workers > 0 else None,
-    )
+    options = dict(num_workers=workers, pin_memory=cfg.data.pin_memory and accelerator.device.type == "cuda",
+                   prefetch_factor=cfg.data.prefetch_factor if workers > 0 else None)
+    if isinstance(dataset, StreamTrainDataset):
+        rank_file = ckpt.load_rank_file(checkpoint_path, accelerator.process_index) if checkpoint_path else None
+        batches = dataset.batches(cfg.train.batch_size, cfg.train.seed, accelerator.process_index,
+                                  accelerator.num_processes, start_batch, (rank_file or {}).get("data"))
+        return StreamLoader(batches, **options)
+    sampler = TrainBatchSampler(len(dataset), cfg.train.batch_size, cfg.train.seed, accelerator.process_index,
+                                accelerator.num_processes, start_batch=start_batch)
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, **options)
 
 
 def validation_loader(source, cfg: Config, accelerator):
@@ -299,7 +308,8 @@ def preview_batch(val_loader, train_dataset, accelerator, count: int = 8) -> tor
         gathered = _gather_in_dataset_order(images, count, accelerator)
         if gathered is not None:
             return gathered
-    items = [train_dataset[(i % len(train_dataset), i)]["pixel_values"] for i in range(count)]
+    crops = TrainDataset(train_dataset.sample_source(count), train_dataset.cfg)
+    items = [crops[(i % len(crops), i)]["pixel_values"] for i in range(count)]
     return torch.stack(items).to(device)
 
 
@@ -421,10 +431,9 @@ def _set_scaling_factor(cfg: Config, vae: Autoencoder, train_dataset: TrainDatas
         return f"scaling_factor kept from {cfg.model.pretrained}"
     if cfg.export.scaling_images <= 0:
         return None
-    dataset = ValidationDataset(train_dataset.source, cfg.data)
-    count = min(cfg.export.scaling_images, len(dataset))
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(count)),
-                                         batch_size=cfg.train.batch_size, collate_fn=collate)
+    dataset = ValidationDataset(train_dataset.sample_source(cfg.export.scaling_images), cfg.data)
+    count = len(dataset)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.train.batch_size, collate_fn=collate)
     batches = (b["pixel_values"].to(accelerator.device) for b in loader if b["pixel_values"] is not None)
     with accelerator.autocast():
         factor = compute_scaling_factor(vae, batches, seed=cfg.train.seed)
