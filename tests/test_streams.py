@@ -305,3 +305,9 @@ def test_streaming_dataset_trains_and_resumes_exactly(tmp_path):
     interrupted = loader()
     take_batches(interrupted, 3)
     assert same_batches(take_batches(loader(3, interrupted.state_dict()), 5), straight[3:])
+
+
+def test_a_wrong_image_column_is_one_clear_error_before_training(tmp_path):
+    write_shards(tmp_path, shards=2, per_shard=3, fmt="parquet")
+    with pytest.raises(DataError, match="has no column 'jpg'.*data.image_column"):
+        training_data(stream_config(str(tmp_path / "*.parquet"), "data.image_column=jpg", "data.val_images=0"))

@@ -310,6 +310,7 @@ def training_data(cfg: DataConfig):
         return TrainDataset(train, cfg), val, failures
     source = open_stream(cfg.shards, cfg.path if cfg.streaming else None, cfg.image_column, cfg.split,
                          cfg.key_column)
+    next(source.read(source.shards[0]), None)  # a wrong image column is a DataError here, not in a loader worker
     if not source.exact_resume:
         logger.warning("%s is a remote streaming dataset: a resumed run sees exactly the samples an uninterrupted "
                        "one would only while the dataset's files do not change (pin a revision)", source.name)

@@ -401,12 +401,13 @@ class StreamingDatasetShards(StreamSource):
             dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
         self.dataset, self.image_column, self.key_column, self.name = dataset, image_column, key_column, path
         self.shards = [f"{path}@shard{i:05d}" for i in range(dataset.num_shards)]
+        self.shard_index = {shard: i for i, shard in enumerate(self.shards)}
         self.exact_resume = Path(path).expanduser().is_dir()
 
     def read(self, shard: str, start: ShardPosition = ShardPosition()) -> Iterator[StreamSample]:
         if start.finished:
             return
-        part = self.dataset.shard(num_shards=len(self.shards), index=self.shards.index(shard), contiguous=True)
+        part = self.dataset.shard(num_shards=len(self.shards), index=self.shard_index[shard], contiguous=True)
         if start.index:
             part = part.skip(start.index)
         for index, row in enumerate(part, start=start.index):
