@@ -311,3 +311,19 @@ def test_a_wrong_image_column_is_one_clear_error_before_training(tmp_path):
     write_shards(tmp_path, shards=2, per_shard=3, fmt="parquet")
     with pytest.raises(DataError, match="has no column 'jpg'.*data.image_column"):
         training_data(stream_config(str(tmp_path / "*.parquet"), "data.image_column=jpg", "data.val_images=0"))
+
+
+def test_resume_exactly_at_the_end_of_a_streams_only_shard(tmp_path):
+    """The saved cursor points past the last sample of the stream's only shard: the resumed stream goes
+    on with the next epoch, as the uninterrupted one did."""
+    write_shards(tmp_path, shards=1, per_shard=6, hostile=False)
+    train, _, _ = training_data(stream_config(str(tmp_path / "*.tar"), "data.shuffle_buffer=3"))
+
+    def loader(start=0, state=None):
+        return StreamLoader(train.batches(3, 0, 0, 1, start, state))
+
+    straight = take_batches(loader(), 5)
+    interrupted = loader()
+    take_batches(interrupted, 2)
+    assert interrupted.state_dict()["cursors"]["0"]["offset"] == -1  # the shard's end
+    assert same_batches(take_batches(loader(2, interrupted.state_dict()), 3), straight[2:])

@@ -206,12 +206,13 @@ class StreamBatches(torch.utils.data.IterableDataset):
         epoch, first, position = cursor.epoch, cursor.shard, cursor.position
         while True:
             shards, found = self.shards_of(stream, epoch), False
+            whole_epoch = first == 0 and position == self._start_of(shards[0])
             for index in range(first, len(shards)):
                 start = position if index == first else self._start_of(shards[index])
                 for sample in self.source.read(shards[index], start):
                     found = True
                     yield sample, (epoch, index, sample.next)
-            if not found and first == 0:
+            if not found and whole_epoch:
                 raise DataError(f"the shards of stream {stream} ({', '.join(shards[:3])}...) hold no samples to "
                                 "train on (empty, or all held out for validation)")
             epoch, first = epoch + 1, 0
