@@ -327,3 +327,15 @@ def test_resume_exactly_at_the_end_of_a_streams_only_shard(tmp_path):
     take_batches(interrupted, 2)
     assert interrupted.state_dict()["cursors"]["0"]["offset"] == -1  # the shard's end
     assert same_batches(take_batches(loader(2, interrupted.state_dict()), 3), straight[2:])
+
+
+def test_url_shards_are_read_through_fsspec(tmp_path):
+    """A URL (here file://, read by fsspec like s3:// or hf://) reads and restarts like a path."""
+    data = write_shards(tmp_path, shards=2, per_shard=6)
+    urls = [f"file://{path}" for path in data.shards]
+    source = open_stream(urls[0].replace("000000", "{000000..000001}"))
+    assert source.shards == urls
+    good, bad = read_all(source)
+    assert [g.split("#")[1] for g in good] == [g.split("#")[1] for g in data.good] and len(bad) == len(data.bad)
+    samples = list(source.read(urls[1]))
+    assert [s.key for s in source.read(urls[1], samples[2].next)] == [s.key for s in samples[3:]]
