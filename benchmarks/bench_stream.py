@@ -4,7 +4,8 @@ tar and parquet shards (``StreamLoader``), with 1 and with P processes reading t
 
 Every variant reads the same ``--images`` JPEG images (``--size`` px, photo-like noise) into
 ``--resolution`` px training crops in batches of ``--batch-size``, one epoch per repeat, with
-``data.num_workers=0`` (one reader per process; loader workers multiply every variant alike). With
+``data.num_workers=0`` (one reader per process; loader workers multiply every variant alike); the
+repeats run the variants in turn, so a change in the machine's load affects them all alike. With
 P processes, P OS processes start together, each reads its rank's 1/P of the shards, and the
 throughput is all images over the wall time of the slowest. RSS is sampled every 50 ms in each process;
 the table gives its largest growth over the epoch (the reader's memory, not the imported libraries').
@@ -141,18 +142,20 @@ def main() -> None:
         print(f"writing {args.images} images as a folder, tar and parquet shards ...", file=sys.stderr)
         write_inputs(root, args.images, args.size, args.shards)
         runs = [("folder", 1)] + [(v, p) for v in ("tar", "parquet") for p in counts]
-        rows, baseline = [], None
-        for variant, world in runs:
-            rates, peaks = [], []
-            for repeat in range(args.repeats):
+        rates: Dict[tuple, List[float]] = {run: [] for run in runs}
+        peaks: Dict[tuple, List[float]] = {run: [] for run in runs}
+        for repeat in range(args.repeats):  # variants interleaved: a change in the machine's load hits all alike
+            for variant, world in runs:
                 print(f"{variant} × {world}, repeat {repeat + 1}/{args.repeats}", file=sys.stderr)
                 result = measure(variant, root, args, world)
-                rates.append(result["images_per_s"])
-                peaks.append(result["rss_growth_mib"])
-            stats = Stats(rates)
-            baseline = baseline or stats.median
+                rates[variant, world].append(result["images_per_s"])
+                peaks[variant, world].append(result["rss_growth_mib"])
+        baseline = Stats(rates["folder", 1]).median
+        rows = []
+        for variant, world in runs:
+            stats = Stats(rates[variant, world])
             rows.append([variant if variant == "folder" else f"{variant} shards", str(world), stats.format(),
-                         f"{stats.median / baseline:.2f}×", f"{max(peaks):.0f}"])
+                         f"{stats.median / baseline:.2f}×", f"{max(peaks[variant, world]):.0f}"])
     finally:
         shutil.rmtree(root, ignore_errors=True)
     import torch
