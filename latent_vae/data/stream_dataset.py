@@ -175,6 +175,9 @@ class StreamBatches(torch.utils.data.IterableDataset):
             return fresh
         cursors = {int(s): StreamCursor(**c) for s, c in state["cursors"].items()}
         if state["identity"] == self.identity:
+            logger.info("data stream resumed exactly: %s", "; ".join(
+                f"stream {self.rank * self.workers + s} at epoch {c.epoch}, shard {c.shard}, sample {c.index}"
+                f" + {c.emitted} of block {c.block}" for s, c in sorted(cursors.items())))
             return cursors
         changed = sorted(k for k in self.identity if state["identity"].get(k) != self.identity[k])
         epoch = min((c.epoch for c in cursors.values()), default=0)
