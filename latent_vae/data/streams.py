@@ -21,6 +21,11 @@ to an exception handler, and both are a few lines over ``tarfile`` but not part 
 it also saves a dependency. Compressed tars (``.tar.gz``, ``.tgz``) cannot seek: they restart by
 reading past the samples already seen.
 
+Use: ``source = open_stream(shards=..., path=..., image_column=...)`` (``data.shards`` or a streaming
+``data.path``); ``split_shards(source.shards, i, n)`` for a rank's or a job's part; then, per shard,
+``for sample in source.read(shard, position)`` and ``image, failure = decode(sample)``; a sample's
+``next`` is the position to resume from after it.
+
 Parquet shards hold one row per sample, the image as bytes in ``image_column`` (a binary column, or
 the ``{"bytes", "path"}`` struct that 🤗 datasets writes); they are read one row group at a time, in
 small record batches.
