@@ -305,3 +305,37 @@ def test_streaming_dataset_trains_and_resumes_exactly(tmp_path):
     interrupted = loader()
     take_batches(interrupted, 3)
     assert same_batches(take_batches(loader(3, interrupted.state_dict()), 5), straight[3:])
+
+
+def test_a_wrong_image_column_is_one_clear_error_before_training(tmp_path):
+    write_shards(tmp_path, shards=2, per_shard=3, fmt="parquet")
+    with pytest.raises(DataError, match="has no column 'jpg'.*data.image_column"):
+        training_data(stream_config(str(tmp_path / "*.parquet"), "data.image_column=jpg", "data.val_images=0"))
+
+
+def test_resume_exactly_at_the_end_of_a_streams_only_shard(tmp_path):
+    """The saved cursor points past the last sample of the stream's only shard: the resumed stream goes
+    on with the next epoch, as the uninterrupted one did."""
+    write_shards(tmp_path, shards=1, per_shard=6, hostile=False)
+    train, _, _ = training_data(stream_config(str(tmp_path / "*.tar"), "data.shuffle_buffer=3"))
+
+    def loader(start=0, state=None):
+        return StreamLoader(train.batches(3, 0, 0, 1, start, state))
+
+    straight = take_batches(loader(), 5)
+    interrupted = loader()
+    take_batches(interrupted, 2)
+    assert interrupted.state_dict()["cursors"]["0"]["offset"] == -1  # the shard's end
+    assert same_batches(take_batches(loader(2, interrupted.state_dict()), 3), straight[2:])
+
+
+def test_url_shards_are_read_through_fsspec(tmp_path):
+    """A URL (here file://, read by fsspec like s3:// or hf://) reads and restarts like a path."""
+    data = write_shards(tmp_path, shards=2, per_shard=6)
+    urls = [f"file://{path}" for path in data.shards]
+    source = open_stream(urls[0].replace("000000", "{000000..000001}"))
+    assert source.shards == urls
+    good, bad = read_all(source)
+    assert [g.split("#")[1] for g in good] == [g.split("#")[1] for g in data.good] and len(bad) == len(data.bad)
+    samples = list(source.read(urls[1]))
+    assert [s.key for s in source.read(urls[1], samples[2].next)] == [s.key for s in samples[3:]]

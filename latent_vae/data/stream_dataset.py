@@ -175,6 +175,9 @@ class StreamBatches(torch.utils.data.IterableDataset):
             return fresh
         cursors = {int(s): StreamCursor(**c) for s, c in state["cursors"].items()}
         if state["identity"] == self.identity:
+            logger.info("data stream resumed exactly: %s", "; ".join(
+                f"stream {self.rank * self.workers + s} at epoch {c.epoch}, shard {c.shard}, sample {c.index}"
+                f" + {c.emitted} of block {c.block}" for s, c in sorted(cursors.items())))
             return cursors
         changed = sorted(k for k in self.identity if state["identity"].get(k) != self.identity[k])
         epoch = min((c.epoch for c in cursors.values()), default=0)
@@ -206,12 +209,13 @@ class StreamBatches(torch.utils.data.IterableDataset):
         epoch, first, position = cursor.epoch, cursor.shard, cursor.position
         while True:
             shards, found = self.shards_of(stream, epoch), False
+            whole_epoch = first == 0 and position == self._start_of(shards[0])
             for index in range(first, len(shards)):
                 start = position if index == first else self._start_of(shards[index])
                 for sample in self.source.read(shards[index], start):
                     found = True
                     yield sample, (epoch, index, sample.next)
-            if not found and first == 0:
+            if not found and whole_epoch:
                 raise DataError(f"the shards of stream {stream} ({', '.join(shards[:3])}...) hold no samples to "
                                 "train on (empty, or all held out for validation)")
             epoch, first = epoch + 1, 0
@@ -310,6 +314,7 @@ def training_data(cfg: DataConfig):
         return TrainDataset(train, cfg), val, failures
     source = open_stream(cfg.shards, cfg.path if cfg.streaming else None, cfg.image_column, cfg.split,
                          cfg.key_column)
+    next(source.read(source.shards[0]), None)  # a wrong image column is a DataError here, not in a loader worker
     if not source.exact_resume:
         logger.warning("%s is a remote streaming dataset: a resumed run sees exactly the samples an uninterrupted "
                        "one would only while the dataset's files do not change (pin a revision)", source.name)

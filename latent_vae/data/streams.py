@@ -21,6 +21,11 @@ to an exception handler, and both are a few lines over ``tarfile`` but not part 
 it also saves a dependency. Compressed tars (``.tar.gz``, ``.tgz``) cannot seek: they restart by
 reading past the samples already seen.
 
+Use: ``source = open_stream(shards=..., path=..., image_column=...)`` (``data.shards`` or a streaming
+``data.path``); ``split_shards(source.shards, i, n)`` for a rank's or a job's part; then, per shard,
+``for sample in source.read(shard, position)`` and ``image, failure = decode(sample)``; a sample's
+``next`` is the position to resume from after it.
+
 Parquet shards hold one row per sample, the image as bytes in ``image_column`` (a binary column, or
 the ``{"bytes", "path"}`` struct that 🤗 datasets writes); they are read one row group at a time, in
 small record batches.
@@ -401,12 +406,13 @@ class StreamingDatasetShards(StreamSource):
             dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
         self.dataset, self.image_column, self.key_column, self.name = dataset, image_column, key_column, path
         self.shards = [f"{path}@shard{i:05d}" for i in range(dataset.num_shards)]
+        self.shard_index = {shard: i for i, shard in enumerate(self.shards)}
         self.exact_resume = Path(path).expanduser().is_dir()
 
     def read(self, shard: str, start: ShardPosition = ShardPosition()) -> Iterator[StreamSample]:
         if start.finished:
             return
-        part = self.dataset.shard(num_shards=len(self.shards), index=self.shards.index(shard), contiguous=True)
+        part = self.dataset.shard(num_shards=len(self.shards), index=self.shard_index[shard], contiguous=True)
         if start.index:
             part = part.skip(start.index)
         for index, row in enumerate(part, start=start.index):
