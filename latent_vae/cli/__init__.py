@@ -27,7 +27,7 @@ def add_tiling_arguments(group, what: str) -> None:
 
 
 # The order of `latent-vae --help`: the workflow first; any other command follows alphabetically.
-ORDER = ("train", "encode", "stats", "decode", "eval", "compare", "export", "import", "interpolate", "sample",
+ORDER = ("train", "distill", "encode", "stats", "decode", "eval", "compare", "export", "import", "interpolate", "sample",
          "visualize", "score")
 
 

@@ -72,8 +72,9 @@ def check_config(config: Mapping[str, Any], classes: Mapping[str, type], source:
     for name in ("encoder_block_out_channels", "decoder_block_out_channels", "num_encoder_blocks",
                  "num_decoder_blocks"):  # AutoencoderTiny's levels: a width and a block count each
         values, low = config.get(name), 0 if name.startswith("num_") else 1
-        if values is not None and (not isinstance(values, (list, tuple)) or not 1 <= len(values) <= MAX_LEVELS or not all(
-                isinstance(v, int) and not isinstance(v, bool) and low <= v <= MAX_WIDTH for v in values)):
+        if values is not None and (
+                not isinstance(values, (list, tuple)) or not 1 <= len(values) <= MAX_LEVELS
+                or not all(isinstance(v, int) and not isinstance(v, bool) and low <= v <= MAX_WIDTH for v in values)):
             raise _bad(source, f"{name}={values!r} must be 1 to {MAX_LEVELS} numbers in [{low}, {MAX_WIDTH}]")
     for name in ("down_block_types", "up_block_types"):
         blocks = config.get(name)

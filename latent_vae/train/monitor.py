@@ -121,12 +121,12 @@ class TrainingLog:
     """The training scalars (``train/<name>`` on the trackers): means of the logged values over
     the steps since the last logging step, plus throughput; the progress bar; collapse warnings."""
 
-    def __init__(self, accelerator, cfg: Config, step: int, images_per_step: int):
+    def __init__(self, accelerator, cfg: Config, step: int, images_per_step: int, desc: str = "train"):
         self.accelerator, self.images_per_step, self.log_every = accelerator, images_per_step, cfg.logging.log_every
         self.metrics = MetricWindow(accelerator.device)
         self.collapse = CollapseMonitor()
         self.progress = tqdm(total=cfg.train.max_steps, initial=step, disable=not accelerator.is_main_process,
-                             desc="train", dynamic_ncols=True)
+                             desc=desc, dynamic_ncols=True)
         self.step_seconds: List[float] = []  # wall time per step (the step's verdict synchronises the device)
         self.step_start = time.perf_counter()
 
