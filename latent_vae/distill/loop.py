@@ -69,9 +69,10 @@ def distill(config: Config, output_dir: str | Path, resume: Optional[str] = None
         raise ConfigError(f"train.mixed_precision=fp16 needs a CUDA GPU (this run is on {device.type}); "
                           "use train.mixed_precision=bf16 or no")
     teacher = load_teacher(cfg.distill.teacher, cfg.distill.teacher_subfolder, cfg.distill.teacher_latents)
+    torch.manual_seed(cfg.train.seed)  # the same initial student on every process
+    student = build_student(cfg.distill, teacher)  # a student that cannot serve the teacher is refused up front
     run_lock = claim_run_dir(output_dir, resume, overwrite, accelerator)
     setup_logging(output_dir, is_main)
-    torch.manual_seed(cfg.train.seed)  # the same initial student on every process
     checkpoint_path = find_resume_checkpoint(output_dir, resume, cfg, DISTILL_IDENTITY)
     if cfg.distill.parts == "encoder":
         # The decoder is frozen: only the encoder's latent MSE is trained; image terms would have no gradient.
@@ -86,8 +87,7 @@ def distill(config: Config, output_dir: str | Path, resume: Optional[str] = None
     logger.info("data: %d training images from %s, %d validation images", len(train_source),
                 train_source.name, 0 if val_source is None else len(val_source))
 
-    # ---------------------------------------------------------------- student, state, resume
-    student = build_student(cfg.distill, teacher)
+    # ---------------------------------------------------------------- state, resume
     teacher.to(device)
     model = DistillStudent(student, teacher, cfg.distill, cfg.reconstruction)
     logger.info("teacher: %s (%s latent channels; the student learns the scaled latents %s); student %s: %s; "

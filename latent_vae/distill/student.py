@@ -92,8 +92,8 @@ def load_teacher(name_or_path: Optional[str], subfolder: Optional[str], latents:
                           "e.g. --teacher stabilityai/sd-vae-ft-ema")
     try:
         vae = load_autoencoder(name_or_path, subfolder=subfolder)
-    except OSError as err:
-        if isinstance(err, (FileNotFoundError, PermissionError)):
+    except (OSError, ValueError) as err:  # hub look-ups fail with OSError, malformed ids with ValueError
+        if isinstance(err, (FileNotFoundError, PermissionError, ConfigError)):
             raise
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError(f"teacher {name_or_path!r}{f' (subfolder {subfolder})' if subfolder else ''} cannot be "
