@@ -154,6 +154,23 @@ def test_the_student_swaps_into_the_teachers_stable_diffusion_pipeline(distilled
     assert report["drift"]["scaled_relative_l2"] < 0.8
 
 
+def test_eval_and_compare_accept_the_student(distilled, photo_folder, tmp_path, capsys):
+    root, _ = distilled
+    student, teacher = str(root / "run" / "model"), str(root / "teacher")
+    common = ["--data", str(photo_folder), "--resolution", str(SIZE), "--no-lpips", "--no-fid", "--num-workers", "0",
+              "--limit", "4"]
+    assert main(["eval", "--model", student, *common, "--json", str(tmp_path / "eval.json")]) == 0
+    assert json.loads((tmp_path / "eval.json").read_text())["metrics"]["psnr"] > 5
+    assert main(["compare", "--model-a", teacher, "--model-b", student, *common,
+                 "--json", str(tmp_path / "compare.json")]) == 0
+    report = json.loads((tmp_path / "compare.json").read_text())
+    # the drift is measured on the scaled latents: the teacher's z · 0.5 against the student's own latents
+    drift = report["latent_drift"]
+    assert drift["scaled_relative_l2"] < 0.8 * drift["relative_l2"], drift
+    assert report["cross_decode"]["psnr"] > 5
+    capsys.readouterr()
+
+
 def weights(folder):
     return load_file(str(folder / "diffusion_pytorch_model.safetensors"))
 
