@@ -60,7 +60,9 @@ def parse_args(argv=None):
     parser.add_argument("--teacher", help="AutoencoderKL folder or hub id (default: kl-f8 preset for speed; "
                         "a tiny-kl trained here for quality)")
     parser.add_argument("--teacher-subfolder")
-    parser.add_argument("--student", default="taesd", help="student preset (default: taesd, the published widths)")
+    parser.add_argument("--student", default="taesd", help="student preset timed (default: taesd, the published widths)")
+    parser.add_argument("--distill-student", default="taesd-small",
+                        help="student preset distilled for the quality table (default: taesd-small, for CPU budgets)")
     parser.add_argument("--student-model", help="an already distilled AutoencoderTiny folder: measure it instead")
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument("--train-images", default=str(SHARED / "cbsd68"))
@@ -124,9 +126,9 @@ def quality_table(args, device: torch.device, workdir: Path) -> str:
                      "pretrained VAE is available offline")
     student_path = args.student_model
     if student_path is None:
-        print(f"distilling the {args.student} student for {args.distill_steps} steps", file=sys.stderr)
+        print(f"distilling the {args.distill_student} student for {args.distill_steps} steps", file=sys.stderr)
         distill_cfg = load_config("distill-taesd", [
-            f"distill.student={args.student}", f"data.path={args.train_images}",
+            f"distill.student={args.distill_student}", f"data.path={args.train_images}",
             f"data.resolution={args.train_resolution}", f"data.resize={int(args.train_resolution * 1.5)}",
             "data.val_images=4", "data.num_workers=0", "reconstruction.perceptual_weight=0", "gan.weight=0",
             "train.batch_size=8", f"train.max_steps={args.distill_steps}", f"train.val_every={args.distill_steps}",
@@ -135,7 +137,7 @@ def quality_table(args, device: torch.device, workdir: Path) -> str:
         distill_cfg.distill.teacher = teacher_path
         distill_cfg.distill.teacher_subfolder = args.teacher_subfolder if args.teacher else None
         student_path = str(distill(distill_cfg, workdir / "student", overwrite=True).model_dir)
-        notes.append(f"student: {args.student} distilled for {args.distill_steps} steps with configs/distill-taesd.yaml "
+        notes.append(f"student: {args.distill_student} distilled for {args.distill_steps} steps with configs/distill-taesd.yaml "
                      f"(Adam 3e-4, betas 0.9/0.9, amsgrad; batch 8 instead of 16; MSE only: no GAN, no LPIPS) at "
                      f"{args.train_resolution}px")
     teacher = load_teacher(teacher_path, args.teacher_subfolder if args.teacher else None, "mode").to(device)
