@@ -7,6 +7,10 @@ the photographs bundled with scikit-image; figures are measured on the held-out 
 """
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -254,3 +258,51 @@ def test_cli_help_and_one_line_errors(tmp_path, capsys):
         code = main(["distill", "--output-dir", str(tmp_path / "run"), "--overwrite", *flags, *FAST, *overrides])
         err = capsys.readouterr().err
         assert code == 2 and message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+SPY = """
+import os, sys, torch
+sys.path.insert(0, {tests!r})
+from test_distill import FAST
+from latent_vae.config import load_config
+from latent_vae.distill.loop import distill
+
+records = []
+
+class Spy(torch.optim.Adam):
+    def step(self, closure=None):
+        params = [p for g in self.param_groups for p in g["params"]]
+        records.append([p.grad.clone() if p.grad is not None else None for p in params])
+        return super().step(closure)
+
+torch.optim.Adam = Spy
+out, batch, teacher = sys.argv[1:4]
+distill(load_config(None, [*FAST, f"train.batch_size={{batch}}", f"distill.teacher={{teacher}}", *sys.argv[4:]]), out)
+torch.save(records, os.path.join(out, f"records-{{os.environ.get('RANK', '0')}}.pt"))
+"""
+
+
+@pytest.mark.multiprocess
+def test_two_processes_compute_the_gradients_of_one_with_the_combined_batch(tmp_path):
+    make_teacher(tmp_path / "teacher")
+    script = tmp_path / "spy_distill.py"
+    script.write_text(SPY.format(tests=str(Path(__file__).parent)))
+    overrides = ["train.max_steps=1", "gan.weight=0.5", "gan.start=0", "gan.channels=8", "gan.layers=2",
+                 "distill.teacher_latents=sample", "distill.teacher_decode_weight=0.5", "data.val_images=0"]
+    records = {}
+    for nproc, batch in ((1, 4), (2, 2)):
+        out = tmp_path / f"run{nproc}"
+        command = [str(script), str(out), str(batch), str(tmp_path / "teacher"), *overrides]
+        if nproc > 1:
+            command = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", *command]
+        result = subprocess.run([sys.executable, *command], capture_output=True, text=True, timeout=600,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert result.returncode == 0, result.stderr[-3000:]
+        records[nproc] = torch.load(out / "records-0.pt")
+    # student and discriminator updates: the all-reduced gradients are the 4-image batch's
+    for single, multi in zip(records[1], records[2]):
+        scale = max(g.abs().max().item() for g in single if g is not None)
+        for g1, g2 in zip(single, multi):
+            assert (g1 is None) == (g2 is None)
+            assert g1 is None or (g1 - g2).abs().max().item() <= 1e-5 * scale
+    assert len(records[1]) == 2
