@@ -31,9 +31,9 @@ import tempfile
 from pathlib import Path
 from typing import List
 
+import common
 import torch
 
-import common
 from latent_vae.config import load_config
 from latent_vae.data.sources import open_source
 from latent_vae.distill.loop import distill
@@ -60,7 +60,8 @@ def parse_args(argv=None):
     parser.add_argument("--teacher", help="AutoencoderKL folder or hub id (default: kl-f8 preset for speed; "
                         "a tiny-kl trained here for quality)")
     parser.add_argument("--teacher-subfolder")
-    parser.add_argument("--student", default="taesd", help="student preset timed (default: taesd, the published widths)")
+    parser.add_argument("--student", default="taesd",
+                        help="student preset timed (default: taesd, the published widths)")
     parser.add_argument("--distill-student", default="taesd-small",
                         help="student preset distilled for the quality table (default: taesd-small, for CPU budgets)")
     parser.add_argument("--student-model", help="an already distilled AutoencoderTiny folder: measure it instead")
@@ -119,7 +120,8 @@ def quality_table(args, device: torch.device, workdir: Path) -> str:
             "reconstruction.pixel_loss=l2", "reconstruction.perceptual_weight=0", "gan.weight=0",
             "train.batch_size=8", "train.learning_rate=1e-3", "train.lr_scaling=none",
             f"train.max_steps={args.teacher_steps}", f"train.checkpoint_every={args.teacher_steps}",
-            f"train.val_every={args.teacher_steps}", "logging.trackers=[]", f"logging.image_every={args.teacher_steps}"])
+            f"train.val_every={args.teacher_steps}", "logging.trackers=[]",
+            f"logging.image_every={args.teacher_steps}"])
         teacher_path = str(train(teacher_cfg, workdir / "teacher", overwrite=True).model_dir)
         notes.append(f"teacher: tiny-kl (f8, 4 latent channels, 0.3M parameters) trained here for {args.teacher_steps} "
                      f"steps (batch 8, MSE, Adam 1e-3) on {args.train_images} at {args.train_resolution}px; no "
@@ -137,9 +139,9 @@ def quality_table(args, device: torch.device, workdir: Path) -> str:
         distill_cfg.distill.teacher = teacher_path
         distill_cfg.distill.teacher_subfolder = args.teacher_subfolder if args.teacher else None
         student_path = str(distill(distill_cfg, workdir / "student", overwrite=True).model_dir)
-        notes.append(f"student: {args.distill_student} distilled for {args.distill_steps} steps with configs/distill-taesd.yaml "
-                     f"(Adam 3e-4, betas 0.9/0.9, amsgrad; batch 8 instead of 16; MSE only: no GAN, no LPIPS) at "
-                     f"{args.train_resolution}px")
+        notes.append(f"student: {args.distill_student} distilled for {args.distill_steps} steps with "
+                     "configs/distill-taesd.yaml (Adam 3e-4, betas 0.9/0.9, amsgrad; batch 8 instead of 16; MSE "
+                     f"only: no GAN, no LPIPS) at {args.train_resolution}px")
     teacher = load_teacher(teacher_path, args.teacher_subfolder if args.teacher else None, "mode").to(device)
     student = load_autoencoder(student_path).to(device).eval()
     lpips = None

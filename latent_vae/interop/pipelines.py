@@ -5,10 +5,10 @@ The plain diffusers way works as is (our models are stock classes)::
     pipe = StableDiffusionPipeline.from_pretrained(sd_id, vae=AutoencoderKL.from_pretrained("runs/ft/model"))
 
 ``swap_vae(pipe, vae)`` does the same on a loaded pipeline (``vae`` component; ``vqvae`` for
-``LDMPipeline``; ``vae`` may be a distilled ``AutoencoderTiny``) after checking what would otherwise fail silently: the latent channels and the
-downsampling factor must match the diffusion model's; a different scaling (``scaling_factor``,
-``shift_factor``, ``latents_mean``/``latents_std``) is reported; and the encoders are compared
-on a few photographs — when B's latents drift from the original VAE's by more than
+``LDMPipeline``; ``vae`` may be a distilled ``AutoencoderTiny``) after checking what would otherwise
+fail silently: the latent channels and the downsampling factor must match the diffusion model's; a
+different scaling (``scaling_factor``, ``shift_factor``, ``latents_mean``/``latents_std``) is reported;
+and the encoders are compared on a few photographs — when B's latents drift from the original VAE's by more than
 ``evaluate.compare.CHECK_DRIFT`` (that module says why), a ``LatentDriftWarning`` says the diffusion
 model was not trained on this latent space.
 """
