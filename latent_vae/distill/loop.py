@@ -2,9 +2,10 @@
 
 ``distill()`` reads top to bottom like ``train.loop.train``, and uses the same parts: the run-folder
 lock, the Accelerator, the resumable data stream, ``TrainState`` (built by ``train.state.assemble_state``
-around ``DistillStudent``: discriminator, loss module, EMA, Adam, schedules, scaler, DDP), the step
-(``train.step.train_step``: G update then D update, NaN/stop verdict shared by all processes), the
-checkpoint format and exact resume, the progress bar and tracker scalars. What differs is what a
+around ``DistillStudent``: discriminator, loss module, EMA, Adam, schedules, scaler, DDP), the loop
+(``train.loop.run_steps``: every step ``train.step.train_step``, G update then D update, the NaN/stop
+verdict shared by all processes; logging, checkpoints), the checkpoint format and exact resume, the
+progress bar and tracker scalars. What differs is what a
 step computes (``student.py``), the validation figures and preview grids (input | teacher | student,
 side by side), and the export: a stock ``AutoencoderTiny`` folder whose model card states the teacher,
 the latent convention, and the measured quality and speed (``card.py``).
@@ -13,7 +14,6 @@ the latent convention, and the measured quality and speed (``card.py``).
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -27,8 +27,8 @@ from ..data.sources import split_train_val
 from ..distributed import make_accelerator
 from ..errors import ConfigError
 from ..interop.export import save_diffusers_model
-from ..train.guard import StepGuard, StopRequest
-from ..train.monitor import FailureLog, TrainingLog, flat_hparams, setup_logging
+from ..train.loop import run_steps
+from ..train.monitor import FailureLog, flat_hparams, setup_logging
 from ..train.run_io import (
     RunSummary,
     check_writable,
@@ -37,13 +37,11 @@ from ..train.run_io import (
     log_grid,
     preview_batch,
     restore_checkpoint,
-    save_checkpoint,
     train_loader,
     validation_loader,
     write_summary,
 )
 from ..train.state import TrainState, assemble_state
-from ..train.step import train_step
 from .card import write_distill_card
 from .measure import distillation_quality, throughput
 from .student import DistillStudent, Teacher, build_student, describe, load_teacher, trained_parts
@@ -109,62 +107,26 @@ def distill(config: Config, output_dir: str | Path, resume: Optional[str] = None
     preview = preview_batch(val_loader, train_dataset, device)
     if cfg.logging.trackers:
         accelerator.init_trackers(cfg.logging.project, config=flat_hparams(cfg_dict))
-    checkpoint_root = output_dir / "checkpoints"
 
-    # ---------------------------------------------------------------- the loop (as train's)
+    # ---------------------------------------------------------------- the loop (train's)
     initial_val_metrics: Dict[str, float] = {}
     if val_loader is not None and step == 0:
         initial_val_metrics = validate_distill(state.autoencoder.vae, teacher, val_loader, accelerator, step)
-    guard = StepGuard(cfg, state.scaler, skipped_steps, device, StopRequest(cfg.train.time_limit_minutes))
-    data = iter(loader)
-    log = TrainingLog(accelerator, cfg, step, images_per_step, desc="distill")
-    val_metrics: Dict[str, float] = {}
-    last_saved = step if checkpoint_path is not None else -1
-    start_time, start_step, stopped_early = time.time(), step, False
-    try:
-        while step < cfg.train.max_steps:
-            batches = [next(data) for _ in range(accum)]
-            for batch in batches:
-                failure_log.add(batch["failures"])
-            out = train_step(state, batches, step, guard, log.metrics, accelerator, cfg)
-            step += 1
-            log.step_done()
-            guard.log_skipped(step)
-            if guard.exhausted:
-                save_checkpoint(checkpoint_root, state, step, guard.skipped_steps, accelerator, cfg_dict)
-                raise guard.error(step)
-            final = step == cfg.train.max_steps
-            if step % cfg.logging.log_every == 0 or final:
-                log.write(step, out.ae_grad_norm, out.d_grad_norm, state.sched_ae.get_last_lr()[0], guard.skipped_steps)
-            if step % cfg.logging.image_every == 0 or final:
-                log_distill_preview(preview, state.inference_model(), teacher, accelerator, output_dir, step)
-            if val_loader is not None and (step % cfg.train.val_every == 0 or final):
-                val_metrics = validate_distill(state.inference_model(), teacher, val_loader, accelerator, step)
-            if step % cfg.train.checkpoint_every == 0:
-                save_checkpoint(checkpoint_root, state, step, guard.skipped_steps, accelerator, cfg_dict)
-                last_saved = step
-            if guard.stop_requested and not final:
-                logger.warning("stop requested (signal or time limit) at step %d: writing a checkpoint and exiting; "
-                               "continue with --resume latest", step)
-                stopped_early = True
-                break
-    finally:
-        log.close()
-        guard.stop.restore()
-
-    if last_saved != step:
-        save_checkpoint(checkpoint_root, state, step, guard.skipped_steps, accelerator, cfg_dict)
-    elapsed = time.time() - start_time
-    logger.info("distilled %d steps in %.0fs (%.2f steps/s); %d steps skipped, %d inputs unreadable",
-                step - start_step, elapsed, (step - start_step) / max(elapsed, 1e-9), guard.skipped_steps,
-                len(failure_log.seen))
+    outcome = run_steps(
+        state, cfg, cfg_dict, accelerator, loader, failure_log, output_dir / "checkpoints", step, skipped_steps,
+        resumed=checkpoint_path is not None, images_per_step=images_per_step, desc="distill",
+        show_images=lambda at: log_distill_preview(preview, state.inference_model(), teacher, accelerator,
+                                                   output_dir, at),
+        validate_now=None if val_loader is None else lambda at: validate_distill(state.inference_model(), teacher,
+                                                                                 val_loader, accelerator, at))
+    step, val_metrics = outcome.step, outcome.val_metrics
 
     model_dir = None
-    if not stopped_early:
+    if not outcome.stopped_early:
         model_dir = export_student(cfg, cfg_dict, state, teacher, preview, accelerator, output_dir, step, val_metrics)
     accelerator.end_training()
-    summary = RunSummary(output_dir, step, step * images_per_step, guard.skipped_steps, len(failure_log.seen),
-                         val_metrics, initial_val_metrics, stopped_early, model_dir, log.step_seconds)
+    summary = RunSummary(output_dir, step, step * images_per_step, outcome.skipped_steps, len(failure_log.seen),
+                         val_metrics, initial_val_metrics, outcome.stopped_early, model_dir, outcome.step_seconds)
     if is_main:
         write_summary(summary)
     if run_lock is not None:
