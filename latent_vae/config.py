@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .errors import ConfigError, check_choice, check_finite, check_positive
-from .presets import REGULARIZER_KINDS, check_preset, preset_kind
+from .presets import REGULARIZER_KINDS, check_preset, check_student_preset, preset_kind
 
 
 @dataclass
@@ -221,6 +221,7 @@ class TrainConfig:
     lr_scaling: str = "linear"
     disc_lr_ratio: float = 1.0
     adam_betas: List[float] = field(default_factory=lambda: [0.5, 0.9])
+    amsgrad: bool = False
     weight_decay: float = 0.0
     lr_warmup_steps: int = 0
     lr_schedule: str = "constant"
@@ -292,6 +293,32 @@ class ExportConfig:
 
 
 @dataclass
+class DistillConfig:
+    """``latent-vae distill``: a stock ``AutoencoderTiny`` student learns a teacher AutoencoderKL's latent space
+    (``distill/``). The student's latents are the teacher pipeline's *scaled* latents, ``(z − shift) · scale``."""
+
+    teacher: Optional[str] = None
+    teacher_subfolder: Optional[str] = None
+    parts: str = "both"
+    student: str = "taesd"
+    student_config: Dict[str, Any] = field(default_factory=dict)
+    teacher_latents: str = "sample"
+    encoder_weight: float = 1.0
+    teacher_decode_weight: float = 0.0
+    benchmark_images: int = 8
+
+    def __post_init__(self) -> None:
+        check_choice("distill.parts", self.parts, ("encoder", "decoder", "both"))
+        check_choice("distill.teacher_latents", self.teacher_latents, ("sample", "mode"))
+        check_student_preset(self.student)
+        for name in ("encoder_weight", "teacher_decode_weight", "benchmark_images"):
+            check_positive(f"distill.{name}", getattr(self, name), allow_zero=True)
+        if self.parts != "decoder" and self.encoder_weight == 0:
+            raise ConfigError(f"distill.parts={self.parts} trains the encoder, whose only loss is "
+                              "distill.encoder_weight; set it > 0 or use distill.parts=decoder")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -301,6 +328,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def __post_init__(self) -> None:
         if not self.model.pretrained:  # a pretrained model's class is checked when it is loaded

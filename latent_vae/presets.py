@@ -1,8 +1,8 @@
 """Architecture presets on the stock diffusers classes (ground floor: imports nothing from latent_vae
 but errors).
 
-Every preset is a set of constructor arguments for ``diffusers.AutoencoderKL`` or
-``diffusers.VQModel``: what we train is exactly what users load later with
+Every preset is a set of constructor arguments for ``diffusers.AutoencoderKL``, ``diffusers.VQModel`` or (the
+distillation students) ``diffusers.AutoencoderTiny``: what we train is exactly what users load later with
 ``from_pretrained``. Sources of the numbers are given per preset.
 """
 
@@ -12,7 +12,7 @@ import difflib
 from dataclasses import dataclass
 from typing import Any, Dict
 
-from diffusers import AutoencoderKL, VQModel
+from diffusers import AutoencoderKL, AutoencoderTiny, VQModel
 
 from .errors import ConfigError
 
@@ -115,3 +115,39 @@ def check_preset(name: str) -> Preset:
 def preset_kind(name: str) -> str:
     """``kl`` or ``vq``: the regulariser a preset's model class trains with."""
     return "vq" if check_preset(name).cls is VQModel else "kl"
+
+
+# --------------------------------------------------------------------------- distillation students
+
+# Constructor arguments of ``diffusers.AutoencoderTiny`` (TAESD). Its encoder and decoder keep one width
+# through all levels (a level's first convolution takes the previous level's width as its own), so a size
+# is a single width plus the number of blocks per level.
+STUDENT_PRESETS: Dict[str, Preset] = {
+    "taesd": Preset(
+        AutoencoderTiny,
+        dict(encoder_block_out_channels=(64, 64, 64, 64), decoder_block_out_channels=(64, 64, 64, 64),
+             num_encoder_blocks=(1, 3, 3, 3), num_decoder_blocks=(3, 3, 3, 1)),
+        "TAESD as published (madebyollin/taesd, diffusers' AutoencoderTiny defaults): width 64, "
+        "encoder blocks 1,3,3,3, decoder blocks 3,3,3,1; ~1.2M parameters each",
+    ),
+    "taesd-small": Preset(
+        AutoencoderTiny,
+        dict(encoder_block_out_channels=(32, 32, 32, 32), decoder_block_out_channels=(32, 32, 32, 32),
+             num_encoder_blocks=(1, 2, 2, 2), num_decoder_blocks=(2, 2, 2, 1)),
+        "half TAESD's width, two blocks per level: ~0.2M parameters each, for previews on weak hardware",
+    ),
+    "taesd-large": Preset(
+        AutoencoderTiny,
+        dict(encoder_block_out_channels=(128, 128, 128, 128), decoder_block_out_channels=(128, 128, 128, 128),
+             num_encoder_blocks=(1, 3, 3, 3), num_decoder_blocks=(3, 3, 3, 1)),
+        "twice TAESD's width: ~4.9M parameters each, still ~10x cheaper to decode than the SD VAE",
+    ),
+}
+
+
+def check_student_preset(name: str) -> Preset:
+    if name not in STUDENT_PRESETS:
+        close = difflib.get_close_matches(name, STUDENT_PRESETS.keys(), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"unknown distill.student '{name}'{hint} (available: {', '.join(STUDENT_PRESETS)})")
+    return STUDENT_PRESETS[name]

@@ -68,7 +68,7 @@ class SuggestingParser(argparse.ArgumentParser):
 
 
 # The order of `latent-vae --help`: the workflow first; any other command follows alphabetically.
-ORDER = ("train", "encode", "stats", "decode", "eval", "compare", "export", "import", "interpolate", "sample",
+ORDER = ("train", "distill", "encode", "stats", "decode", "eval", "compare", "export", "import", "interpolate", "sample",
          "visualize", "score")
 
 

@@ -27,6 +27,8 @@ examples:
   latent-vae compare --model-a old_vae/ --model-b runs/ft/model --data /val/images
   latent-vae compare --model-a stabilityai/sd-vae-ft-mse --model-b runs/kl-f8/model \\
       --data /val/images --resolution 256 --no-fid --json comparison.json
+  latent-vae compare --model-a stabilityai/sd-vae-ft-ema --model-b runs/tiny/model --data /val/images
+      (a distilled AutoencoderTiny: its latents are compared with A's scaled latents)
 """
 
 

@@ -11,7 +11,7 @@ from . import add_tiling_arguments
 
 HELP = "reconstruction metrics on images: PSNR, SSIM, LPIPS, rFID, codebook usage, active latent units"
 DESCRIPTION = """\
-Evaluate a diffusers AutoencoderKL or VQModel on a folder or dataset of images.
+Evaluate a diffusers AutoencoderKL, VQModel or (distilled) AutoencoderTiny on a folder or dataset of images.
 
 Every image is resized (shorter side) to --resolution and centre-cropped, encoded, decoded
 (posterior mean; --sample decodes a seeded posterior sample) and scored:

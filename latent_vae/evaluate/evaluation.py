@@ -34,7 +34,7 @@ from ..data.sources import Failure, ImageSource
 from ..distributed import process_state
 from ..errors import ConfigError, DataError
 from ..losses.kl import gaussian_kl
-from ..models.stock import Autoencoder, encoder_latents, is_vq, latents_to_indices, posterior
+from ..models.stock import Autoencoder, encoder_latents, is_tiny, is_vq, latents_to_indices, posterior
 from ..models.tiling import tiling
 from ..runtime import autocast, configure_cpu_threads
 from ..seeding import derive_seed, seeded_normal
@@ -60,6 +60,8 @@ def reconstruct_batch(model: Autoencoder, images: torch.Tensor, indices: Sequenc
     if is_vq(model):
         latents = encoder_latents(model, images)
         return model.decode(latents).sample, {"codes": latents_to_indices(model, latents).flatten()}
+    if is_tiny(model):  # a distilled AutoencoderTiny: deterministic latents, no posterior, no codebook
+        return model.decode(encoder_latents(model, images)).sample, {}
     distribution = posterior(model, images)
     latents = distribution.mode()
     if sample:

@@ -79,7 +79,7 @@ class SetStatistics:
     def update(self, images: torch.Tensor, recon: torch.Tensor, extras: Dict[str, torch.Tensor]) -> None:
         if self.vq:
             self.code_counts += torch.bincount(extras["codes"].flatten(), minlength=self.code_counts.numel())
-        else:
+        elif "posterior_mean" in extras:  # KL models (an AutoencoderTiny has no posterior)
             self.moments.update(extras["posterior_mean"])
         if self.fid is not None:
             self.fid.update(_fid_images(images, self.float_input), real=True)
@@ -98,7 +98,7 @@ class SetStatistics:
             result.codebook = {"usage": float(stats["usage"]), "perplexity": float(stats["perplexity"]),
                                "codes_used": int((self.code_counts > 0).sum()),
                                "codebook_size": self.code_counts.numel()}
-        elif result.per_image:
+        elif result.per_image and "kl_per_channel" in result.per_image[0]:
             result.latent = _collapse_report(result.per_image, self.moments.merged_across_processes(),
                                              result.warnings)
 

@@ -5,10 +5,10 @@ The plain diffusers way works as is (our models are stock classes)::
     pipe = StableDiffusionPipeline.from_pretrained(sd_id, vae=AutoencoderKL.from_pretrained("runs/ft/model"))
 
 ``swap_vae(pipe, vae)`` does the same on a loaded pipeline (``vae`` component; ``vqvae`` for
-``LDMPipeline``) after checking what would otherwise fail silently: the latent channels and the
-downsampling factor must match the diffusion model's; a different scaling (``scaling_factor``,
-``shift_factor``, ``latents_mean``/``latents_std``) is reported; and the encoders are compared
-on a few photographs — when B's latents drift from the original VAE's by more than
+``LDMPipeline``; ``vae`` may be a distilled ``AutoencoderTiny``) after checking what would otherwise
+fail silently: the latent channels and the downsampling factor must match the diffusion model's; a
+different scaling (``scaling_factor``, ``shift_factor``, ``latents_mean``/``latents_std``) is reported;
+and the encoders are compared on a few photographs — when B's latents drift from the original VAE's by more than
 ``evaluate.compare.CHECK_DRIFT`` (that module says why), a ``LatentDriftWarning`` says the diffusion
 model was not trained on this latent space.
 """
@@ -25,7 +25,7 @@ from ..data.sources import sample_photo_sources
 from ..data.transforms import crop_image, to_tensor
 from ..errors import IncompatibleVAE
 from ..evaluate.compare import CHECK_DRIFT, latent_drift
-from ..models.stock import Autoencoder, downsample_factor, is_vq, latent_channels
+from ..models.stock import Autoencoder, downsample_factor, is_tiny, is_vq, latent_channels
 
 VAE_COMPONENTS = ("vae", "vqvae")
 SCALING_KEYS = ("scaling_factor", "shift_factor", "latents_mean", "latents_std")
@@ -87,8 +87,10 @@ def swap_vae(pipeline, vae: Autoencoder, probe_images: Optional[torch.Tensor] = 
     vae.to(old.device).eval()
     if vae.dtype != old.dtype:
         vae.to(dtype=old.dtype)
-    changes = {k: (old.config.get(k), vae.config.get(k)) for k in SCALING_KEYS
-               if old.config.get(k) != vae.config.get(k)}
+    # An AutoencoderTiny's latents are the pipeline's scaled latents (its own scaling is the identity): its
+    # convention is measured by the drift check below, not read from scaling keys.
+    changes = {} if is_tiny(vae) or is_tiny(old) else {k: (old.config.get(k), vae.config.get(k)) for k in SCALING_KEYS
+                                                       if old.config.get(k) != vae.config.get(k)}
     report["scaling_changes"] = changes
     if changes:
         warnings.warn("latent scaling differs from the pipeline's original autoencoder: "

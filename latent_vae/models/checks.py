@@ -34,7 +34,7 @@ MAX_LEVELS, MAX_WIDTH = 8, 8192
 
 def _bad(source: str, message: str) -> InvalidModel:
     return InvalidModel(f"{source}: {message}; the model folder or file is damaged or not a diffusers "
-                        "AutoencoderKL/VQModel")
+                        "AutoencoderKL/VQModel/AutoencoderTiny")
 
 
 def read_json_config(path: Path) -> Dict[str, Any]:
@@ -77,9 +77,16 @@ def check_config(config: Mapping[str, Any], classes: Mapping[str, type], source:
     if (not isinstance(widths, (list, tuple)) or not 1 <= len(widths) <= MAX_LEVELS
             or not all(isinstance(w, int) and not isinstance(w, bool) and 1 <= w <= MAX_WIDTH for w in widths)):
         raise _bad(source, f"block_out_channels={widths!r} must be 1 to {MAX_LEVELS} widths in [1, {MAX_WIDTH}]")
-    groups = config.get("norm_num_groups", 32)
+    groups = config.get("norm_num_groups", 32 if class_name != "AutoencoderTiny" else 1)  # TAESD has no norms
     if any(w % groups for w in widths):
         raise _bad(source, f"norm_num_groups={groups} does not divide block_out_channels={list(widths)}")
+    for name in ("encoder_block_out_channels", "decoder_block_out_channels", "num_encoder_blocks",
+                 "num_decoder_blocks"):  # AutoencoderTiny's levels: a width and a block count each
+        values, low = config.get(name), 0 if name.startswith("num_") else 1
+        if values is not None and (
+                not isinstance(values, (list, tuple)) or not 1 <= len(values) <= MAX_LEVELS
+                or not all(isinstance(v, int) and not isinstance(v, bool) and low <= v <= MAX_WIDTH for v in values)):
+            raise _bad(source, f"{name}={values!r} must be 1 to {MAX_LEVELS} numbers in [{low}, {MAX_WIDTH}]")
     for name in ("down_block_types", "up_block_types"):
         blocks = config.get(name)
         if blocks is not None and (not isinstance(blocks, (list, tuple)) or len(blocks) != len(widths)):

@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 from typing import Optional
 
-from diffusers import AutoencoderKL, VQModel
+from diffusers import AutoencoderKL, AutoencoderTiny, VQModel
 
 from ..config import ModelConfig
 from ..errors import ConfigError
@@ -41,7 +41,7 @@ def build_autoencoder(cfg: ModelConfig) -> Autoencoder:
         raise ConfigError(f"model.config does not fit {preset.cls.__name__}: {err}") from None
 
 
-SUPPORTED = {"AutoencoderKL": AutoencoderKL, "VQModel": VQModel}
+SUPPORTED = {"AutoencoderKL": AutoencoderKL, "VQModel": VQModel, "AutoencoderTiny": AutoencoderTiny}
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 # What every --model (and model.pretrained) accepts, said in each "not found" message.
 EXPECTED = ("expected a diffusers model folder (config.json + diffusion_pytorch_model.safetensors), a Hub id "
@@ -70,7 +70,7 @@ def check_model_reference(name_or_path: str, subfolder: Optional[str] = None) ->
 
 
 def load_autoencoder(name_or_path: str, subfolder: Optional[str] = None) -> Autoencoder:
-    """An ``AutoencoderKL`` or ``VQModel`` from a diffusers folder or a hub id.
+    """An ``AutoencoderKL``, ``VQModel`` or ``AutoencoderTiny`` from a diffusers folder or a hub id.
 
     A local folder's config is checked field by field and against the shapes its safetensors
     header declares before anything is built (``models.checks``). Only safetensors weights are

@@ -14,6 +14,10 @@ with these functions, so "the latents" always means the same tensor:
   latents (what ``VQModel.encode`` returns and ``LDMPipeline`` denoises).
 - token ids (``latents_to_indices`` ...) and the pipeline scaling (``to_diffusion_latents``).
 - ``reconstruct``: decode(encode(x)) exactly as stock diffusers computes it.
+
+An ``AutoencoderTiny`` (TAESD, a distilled student) has a deterministic encoder whose output already
+*is* a teacher pipeline's scaled latents (its own ``scaling_factor`` is 1, ``shift_factor`` 0): its
+encoder output, encoder, decoder and training latents are all that one tensor.
 """
 
 from __future__ import annotations
@@ -21,14 +25,19 @@ from __future__ import annotations
 from typing import Optional, Union
 
 import torch
-from diffusers import AutoencoderKL, VQModel
+from diffusers import AutoencoderKL, AutoencoderTiny, VQModel
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-Autoencoder = Union[AutoencoderKL, VQModel]
+Autoencoder = Union[AutoencoderKL, VQModel, AutoencoderTiny]
 
 
 def is_vq(model: Autoencoder) -> bool:
     return isinstance(model, VQModel)
+
+
+def is_tiny(model: Autoencoder) -> bool:
+    """An ``AutoencoderTiny``: deterministic, its latents are the scaled latents of the pipeline it serves."""
+    return isinstance(model, AutoencoderTiny)
 
 
 def downsample_factor(model: Autoencoder) -> int:
@@ -48,7 +57,7 @@ def count_parameters(model) -> int:
 def encoder_output(model: Autoencoder, images: torch.Tensor) -> torch.Tensor:
     """KL: posterior parameters (mean and log-variance stacked on channels); VQ: pre-quantisation latents."""
     encoded = model.encode(images)
-    return encoded.latents if is_vq(model) else encoded.latent_dist.parameters
+    return encoded.latents if is_vq(model) or is_tiny(model) else encoded.latent_dist.parameters
 
 
 def posterior(model: AutoencoderKL, images: torch.Tensor) -> DiagonalGaussianDistribution:
@@ -56,9 +65,9 @@ def posterior(model: AutoencoderKL, images: torch.Tensor) -> DiagonalGaussianDis
 
 
 def encoder_latents(model: Autoencoder, images: torch.Tensor) -> torch.Tensor:
-    """Deterministic latents: the posterior mean (KL) or the pre-quantisation latent (VQ)."""
+    """Deterministic latents: the posterior mean (KL), the pre-quantisation latent (VQ), the output (tiny)."""
     encoded = model.encode(images)
-    return encoded.latents if is_vq(model) else encoded.latent_dist.mode()
+    return encoded.latents if is_vq(model) or is_tiny(model) else encoded.latent_dist.mode()
 
 
 def quantized_latents(model: VQModel, latents: torch.Tensor) -> torch.Tensor:
@@ -76,7 +85,7 @@ def training_latents(model: Autoencoder, images: torch.Tensor, generator: Option
     """The latents a diffusion model is trained on, which ``scaling_factor`` normalises: a posterior
     sample (KL); the pre-quantisation latents (VQ), as latent-diffusion's VQ models and diffusers'
     ``LDMPipeline`` use them (the pipeline's ``vqvae.decode`` quantises the denoised latents)."""
-    if is_vq(model):
+    if is_vq(model) or is_tiny(model):
         return model.encode(images).latents
     return posterior(model, images).sample(generator=generator)
 
@@ -88,7 +97,7 @@ def reconstruct(model: Autoencoder, images: torch.Tensor, sample: bool = False,
     KL: decode the posterior mean (``sample=True``: a posterior sample). VQ: nearest-code
     lookup in ``quantize.embedding`` inside ``VQModel.decode``.
     """
-    if is_vq(model):
+    if is_vq(model) or is_tiny(model):
         return model.decode(model.encode(images).latents).sample
     posterior = model.encode(images).latent_dist
     latents = posterior.sample(generator=generator) if sample else posterior.mode()

@@ -1,9 +1,9 @@
 """The training run for KL and VQ autoencoders on Accelerate.
 
 ``train()`` reads top to bottom: run directory and Accelerator, data, the ``TrainState``
-(models, losses, optimisers; ``state.py``), resume, then the loop — every step is
-``train_step`` (``step.py``: the generator update, then the discriminator update on the same
-detached reconstructions), followed by what falls due at that step: logging, previews,
+(models, losses, optimisers; ``state.py``), resume, then the loop (``run_steps``, which ``distill``
+shares) — every step is ``train_step`` (``step.py``: the generator update, then the discriminator
+update on the same detached reconstructions), followed by what falls due at that step: logging, previews,
 validation, a checkpoint, a stop — and finally the export of a stock diffusers model folder.
 """
 
@@ -12,8 +12,9 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 from accelerate.utils import DistributedDataParallelKwargs
@@ -43,7 +44,7 @@ from .run_io import (
     validation_loader,
     write_summary,
 )
-from .state import build_state
+from .state import TrainState, build_state
 from .step import train_step
 from .trainable import build_trainable_vae
 
@@ -117,16 +118,56 @@ def _train(cfg: Config, start: RunStart, resume: Optional[str], overwrite: bool,
     preview = preview_batch(val_loader, train_dataset, accelerator)
     if cfg.logging.trackers:
         accelerator.init_trackers(cfg.logging.project, config=flat_hparams(cfg_dict))
-    checkpoint_root = output_dir / "checkpoints"
 
     # ---------------------------------------------------------------- training loop
     if val_loader is not None and step == 0:
         initial_val_metrics = validate(state.autoencoder.vae, val_loader, accelerator, step)
-    guard = StepGuard(cfg, state.scaler, skipped_steps, device, StopRequest(cfg.train.time_limit_minutes))
+    outcome = run_steps(
+        state, cfg, cfg_dict, accelerator, loader, failure_log, output_dir / "checkpoints", step, skipped_steps,
+        resumed=checkpoint_path is not None, images_per_step=images_per_step,
+        show_images=lambda at: log_preview(preview, state.inference_model(), accelerator, output_dir, at),
+        validate_now=None if val_loader is None else lambda at: validate(state.inference_model(), val_loader,
+                                                                         accelerator, at))
+    step, stopped_early, val_metrics = outcome.step, outcome.stopped_early, outcome.val_metrics
+
+    # ---------------------------------------------------------------- latent drift and export
+    drift, model_dir = None, None
+    if initial_vae is not None and val_loader is not None and not stopped_early:
+        drift = report_latent_drift(initial_vae, state.inference_model(), val_loader, accelerator, cfg, step)
+    if not stopped_early:
+        model_dir = export_model(cfg, cfg_dict, state.inference_model(cfg.train.export_ema), train_dataset,
+                                 accelerator, output_dir, step, val_metrics, drift)
+    accelerator.end_training()
+    summary = RunSummary(output_dir, step, step * images_per_step, outcome.skipped_steps, len(failure_log.seen),
+                         val_metrics, initial_val_metrics, stopped_early, model_dir, outcome.step_seconds, drift)
+    if is_main:
+        write_summary(summary)
+    if run_lock is not None:
+        run_lock.close()  # the run folder is free for the next writer
+    return summary
+
+
+@dataclass
+class LoopOutcome:
+    step: int
+    skipped_steps: int
+    stopped_early: bool
+    val_metrics: Dict[str, float]
+    step_seconds: List[float]
+
+
+def run_steps(state: TrainState, cfg: Config, cfg_dict: Dict, accelerator, loader, failure_log: FailureLog,
+              checkpoint_root: Path, step: int, skipped_steps: int, resumed: bool, images_per_step: int,
+              show_images: Callable[[int], None], validate_now: Optional[Callable[[int], Dict[str, float]]],
+              desc: str = "train") -> LoopOutcome:
+    """The loop from ``step`` to ``train.max_steps`` (``train`` and ``distill`` share it): every step is
+    ``train_step``, followed by what falls due at that step — logging, ``show_images(step)``,
+    ``validate_now(step)``, a checkpoint, a stop — and a final checkpoint unless the last step has one."""
+    guard = StepGuard(cfg, state.scaler, skipped_steps, accelerator.device, StopRequest(cfg.train.time_limit_minutes))
     data = iter(loader)  # here, as before: starting a DataLoader draws from the RNG that checkpoints save
-    log = TrainingLog(accelerator, cfg, step, images_per_step)
-    val_metrics: Dict[str, float] = {}
-    last_saved = step if checkpoint_path is not None else -1
+    log = TrainingLog(accelerator, cfg, step, images_per_step, desc)
+    accum, val_metrics = cfg.train.grad_accum_steps, {}
+    last_saved = step if resumed else -1
     start_time, start_step, stopped_early = time.time(), step, False
     start.training()  # from here on the folder holds a run, whatever happens
     try:
@@ -149,9 +190,9 @@ def _train(cfg: Config, start: RunStart, resume: Optional[str], overwrite: bool,
             if step % cfg.logging.log_every == 0 or final:
                 log.write(step, out.ae_grad_norm, out.d_grad_norm, state.sched_ae.get_last_lr()[0], guard.skipped_steps)
             if step % cfg.logging.image_every == 0 or final:
-                log_preview(preview, state.inference_model(), accelerator, output_dir, step)
-            if val_loader is not None and (step % cfg.train.val_every == 0 or final):
-                val_metrics = validate(state.inference_model(), val_loader, accelerator, step)
+                show_images(step)
+            if validate_now is not None and (step % cfg.train.val_every == 0 or final):
+                val_metrics = validate_now(step)
             if step % cfg.train.checkpoint_every == 0:
                 save_checkpoint(checkpoint_root, state, step, guard.skipped_steps, accelerator, cfg_dict,
                                 initial_val_metrics, loader)
@@ -171,22 +212,7 @@ def _train(cfg: Config, start: RunStart, resume: Optional[str], overwrite: bool,
                         initial_val_metrics, loader)
     failure_log.gather()
     elapsed = time.time() - start_time
-    logger.info("trained %d steps in %.0fs (%.2f steps/s); %d steps skipped, %d inputs unreadable",
+    logger.info("%s: %d steps in %.0fs (%.2f steps/s); %d steps skipped, %d inputs unreadable", desc,
                 step - start_step, elapsed, (step - start_step) / max(elapsed, 1e-9), guard.skipped_steps,
                 len(failure_log.seen))
-
-    # ---------------------------------------------------------------- latent drift and export
-    drift, model_dir = None, None
-    if initial_vae is not None and val_loader is not None and not stopped_early:
-        drift = report_latent_drift(initial_vae, state.inference_model(), val_loader, accelerator, cfg, step)
-    if not stopped_early:
-        model_dir = export_model(cfg, cfg_dict, state.inference_model(cfg.train.export_ema), train_dataset,
-                                 accelerator, output_dir, step, val_metrics, drift)
-    accelerator.end_training()
-    summary = RunSummary(output_dir, step, step * images_per_step, guard.skipped_steps, len(failure_log.seen),
-                         val_metrics, initial_val_metrics, stopped_early, model_dir, log.step_seconds, drift)
-    if is_main:
-        write_summary(summary)
-    if run_lock is not None:
-        run_lock.close()  # the run folder is free for the next writer
-    return summary
+    return LoopOutcome(step, guard.skipped_steps, stopped_early, val_metrics, log.step_seconds)

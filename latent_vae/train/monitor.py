@@ -186,12 +186,12 @@ class TrainingLog:
     """The training scalars (``train/<name>`` on the trackers): means of the logged values over
     the steps since the last logging step, plus throughput; the progress bar; collapse warnings."""
 
-    def __init__(self, accelerator, cfg: Config, step: int, images_per_step: int):
+    def __init__(self, accelerator, cfg: Config, step: int, images_per_step: int, desc: str = "train"):
         self.accelerator, self.images_per_step, self.log_every = accelerator, images_per_step, cfg.logging.log_every
         self.metrics = MetricWindow(accelerator.device)
         self.collapse = CollapseMonitor()
         self.max_steps, self.first_step = cfg.train.max_steps, step
-        self.progress = tqdm(total=cfg.train.max_steps, initial=step, desc="train", dynamic_ncols=True,
+        self.progress = tqdm(total=cfg.train.max_steps, initial=step, desc=desc, dynamic_ncols=True,
                              disable=not progress_bar_shown(accelerator.is_main_process))
         self.step_seconds: List[float] = []  # wall time per step (the step's verdict synchronises the device)
         self.step_start = time.perf_counter()

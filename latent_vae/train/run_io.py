@@ -149,18 +149,23 @@ def write_summary(summary: RunSummary) -> None:
 # --------------------------------------------------------------------------- checkpoints
 
 
+# The config keys that define what a checkpoint holds, by section: a run resumes only a checkpoint that agrees.
+ARCHITECTURE_KEYS = {"model": ("preset", "pretrained", "subfolder", "config", "trainable")}
+
+
 def find_resume_checkpoint(output_dir: Path, resume: Optional[str], cfg: Config, num_processes: int,
-                           accept_changed_batch: bool = False) -> Optional[Path]:
-    """The checkpoint ``--resume`` names, if any; only a run with the same architecture resumes it,
+                           accept_changed_batch: bool = False,
+                           identity: Dict[str, Tuple[str, ...]] = ARCHITECTURE_KEYS) -> Optional[Path]:
+    """The checkpoint ``--resume`` names, if any; only a run agreeing on the ``identity`` keys resumes it,
     and one with another batch layout only when the user accepted what that changes."""
     path = ckpt.find_checkpoint(output_dir, resume) if resume else None
     if path is None:
         return None
     metadata, current = ckpt.load_metadata(path), config_to_dict(cfg)
     saved = metadata["config"]
-    keys = ("preset", "pretrained", "subfolder", "config", "trainable")
-    diffs = [f"model.{k}: checkpoint {saved['model'].get(k)!r} vs now {current['model'][k]!r}"
-             for k in keys if saved["model"].get(k) != current["model"][k]]
+    diffs = [f"{section}.{k}: checkpoint {saved.get(section, {}).get(k)!r} vs now {current[section][k]!r}"
+             for section, keys in identity.items() for k in keys
+             if saved.get(section, {}).get(k) != current[section][k]]
     if diffs:
         raise CheckpointError(f"checkpoint {path} was written by an incompatible config: " + "; ".join(diffs))
     change = _batch_change(metadata, cfg, num_processes)
@@ -343,16 +348,21 @@ def log_preview(preview: torch.Tensor, vae: Autoencoder, accelerator, output_dir
         return
     with accelerator.autocast():
         recon = reconstruct(vae, preview)
-    grid = image_grid(torch.cat([preview, recon]), columns=len(preview))
+    log_grid(image_grid(torch.cat([preview, recon]), columns=len(preview)), "reconstructions", accelerator,
+             output_dir, step)
+
+
+def log_grid(grid, name: str, accelerator, output_dir: Path, step: int) -> None:
+    """An image grid as ``samples/<name>-<step>.png`` and as image ``name`` on the trackers (main process)."""
     samples = output_dir / "samples"
     samples.mkdir(exist_ok=True)
-    grid.save(samples / f"reconstructions-{step:08d}.png")
+    grid.save(samples / f"{name}-{step:08d}.png")
     pixels = np.asarray(grid)  # HWC uint8
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
-            tracker.writer.add_image("reconstructions", pixels, step, dataformats="HWC")
+            tracker.writer.add_image(name, pixels, step, dataformats="HWC")
         else:
-            tracker.log_images({"reconstructions": [pixels]}, step=step)
+            tracker.log_images({name: [pixels]}, step=step)
 
 
 @torch.no_grad()

@@ -126,9 +126,17 @@ def _load_schedule(scheduler: Schedule, optimizer: torch.optim.Optimizer, state:
 def build_state(cfg: Config, vae: Autoencoder, accelerator) -> TrainState:
     """The state of a fresh run around ``vae`` (see ``trainable.build_trainable_vae``), on the
     accelerator's device, its two trained modules prepared (DDP with several processes)."""
-    device = accelerator.device
     model = TrainableAutoencoder(vae, build_regularizer(vae, cfg), cfg.reconstruction.logvar_init,
                                  cfg.reconstruction.learn_logvar)
+    return assemble_state(cfg, model, accelerator, cfg.model.pretrained or cfg.model.preset)
+
+
+def assemble_state(cfg: Config, model: nn.Module, accelerator, description: str) -> TrainState:
+    """The state around ``model``: a module whose ``.vae`` is the stock model (averaged by the EMA,
+    exported), whose ``.logvar`` and ``.last_layer`` the loss reads, and whose forward pass returns a
+    ``trainable.AutoencoderOutput`` (``TrainableAutoencoder``, or ``distill``'s student). Everything
+    else — discriminator, loss, EMA, optimisers, schedules, scaler, preparation — comes from ``cfg``."""
+    device, vae = accelerator.device, model.vae
     discriminator = PatchDiscriminator(3, cfg.gan.channels, cfg.gan.layers, cfg.gan.norm)
     if cfg.gan.norm == "sync_batch" and accelerator.num_processes > 1:
         discriminator = nn.SyncBatchNorm.convert_sync_batchnorm(discriminator)
@@ -141,7 +149,7 @@ def build_state(cfg: Config, vae: Autoencoder, accelerator) -> TrainState:
         perceptual = [loss.perceptual.network] if loss.perceptual is not None else []
         compile_modules([vae.encoder, vae.decoder, discriminator, *perceptual], cfg.train.compile_backend)
     logger.info("model: %s %s, %s parameters (%s trainable); discriminator %s parameters",
-                cfg.model.pretrained or cfg.model.preset, type(vae).__name__, f"{count_parameters(vae):,}",
+                description, type(vae).__name__, f"{count_parameters(vae):,}",
                 f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,}",
                 f"{count_parameters(discriminator):,}")
 
@@ -149,10 +157,9 @@ def build_state(cfg: Config, vae: Autoencoder, accelerator) -> TrainState:
     _check_step_size(lr * max(1.0, cfg.train.disc_lr_ratio), cfg.train.adam_betas[0])
     betas = tuple(cfg.train.adam_betas)
     fused = True if cfg.train.fused_optimizer else None  # None: torch's default (foreach where supported)
-    opt_ae = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr, betas=betas,
-                              weight_decay=cfg.train.weight_decay, fused=fused)
-    opt_d = torch.optim.Adam(list(discriminator.parameters()), lr=lr * cfg.train.disc_lr_ratio, betas=betas,
-                             weight_decay=cfg.train.weight_decay, fused=fused)
+    adam = dict(betas=betas, weight_decay=cfg.train.weight_decay, amsgrad=cfg.train.amsgrad, fused=fused)
+    opt_ae = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr, **adam)
+    opt_d = torch.optim.Adam(list(discriminator.parameters()), lr=lr * cfg.train.disc_lr_ratio, **adam)
     sched_ae, sched_d = Schedule(opt_ae, lr_lambda(cfg)), Schedule(opt_d, lr_lambda(cfg))
     # One scaler for both losses (fp16 only; a no-op otherwise): both are scaled by the same
     # factor, each optimiser is unscaled exactly once, and a skipped step backs the scale off.
