@@ -102,7 +102,8 @@ def train(config: Config, output_dir: str | Path, resume: Optional[str] = None, 
     # ---------------------------------------------------------------- training loop
     initial_val_metrics: Dict[str, float] = {}
     if val_loader is not None and step == 0:
-        initial_val_metrics = validate(state.autoencoder.vae, val_loader, accelerator, step)
+        initial_val_metrics = validate(state.autoencoder.vae, val_loader, accelerator, step,
+                                       cfg.logging.diffusability)
     guard = StepGuard(cfg, state.scaler, skipped_steps, device, StopRequest(cfg.train.time_limit_minutes))
     data = iter(loader)  # here, as before: starting a DataLoader draws from the RNG that checkpoints save
     log = TrainingLog(accelerator, cfg, step, images_per_step)
@@ -129,7 +130,7 @@ def train(config: Config, output_dir: str | Path, resume: Optional[str] = None, 
             if step % cfg.logging.image_every == 0 or final:
                 log_preview(preview, state.inference_model(), accelerator, output_dir, step)
             if val_loader is not None and (step % cfg.train.val_every == 0 or final):
-                val_metrics = validate(state.inference_model(), val_loader, accelerator, step)
+                val_metrics = validate(state.inference_model(), val_loader, accelerator, step, cfg.logging.diffusability)
             if step % cfg.train.checkpoint_every == 0:
                 save_checkpoint(checkpoint_root, state, step, guard.skipped_steps, accelerator, cfg_dict)
                 last_saved = step

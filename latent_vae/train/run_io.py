@@ -23,6 +23,7 @@ from ..data.images import image_grid
 from ..distributed import all_reduce_sum_
 from ..errors import CheckpointError, TrainingError
 from ..evaluate.compare import latent_drift
+from ..evaluate.diffusability import model_statistics, summary_metrics
 from ..evaluate.metrics import psnr_per_image, ssim_per_image
 from ..interop.export import compute_scaling_factor, save_diffusers_model, write_model_card
 from ..models.stock import Autoencoder, reconstruct
@@ -254,11 +255,13 @@ def log_preview(preview: torch.Tensor, vae: Autoencoder, accelerator, output_dir
 
 
 @torch.no_grad()
-def validate(vae: Autoencoder, loader, accelerator, step: int) -> Dict[str, float]:
+def validate(vae: Autoencoder, loader, accelerator, step: int, diffusability: bool = False) -> Dict[str, float]:
     """Mean PSNR/SSIM of reconstructions (posterior mean) over the validation set, all processes;
-    logged as ``val/<metric>`` at ``step``."""
+    logged as ``val/<metric>`` at ``step``. ``diffusability`` (``logging.diffusability``) adds the
+    latent high-frequency fraction and the equivariance PSNRs (``evaluate.diffusability``)."""
     was_training = vae.training
     vae.eval()
+    statistics = model_statistics(vae, accelerator.device) if diffusability else None
     sums = torch.zeros(3, device=accelerator.device, dtype=torch.float64)
     for batch in loader:
         if batch["pixel_values"] is None:
@@ -266,12 +269,16 @@ def validate(vae: Autoencoder, loader, accelerator, step: int) -> Dict[str, floa
         images = batch["pixel_values"].to(accelerator.device)
         with accelerator.autocast():
             recon = reconstruct(vae, images)
+            if statistics is not None:
+                statistics.update(images)
         sums += torch.stack([psnr_per_image(recon, images).sum(), ssim_per_image(recon, images).sum(),
                              torch.tensor(float(len(images)), device=images.device)]).double()
     vae.train(was_training)
     all_reduce_sum_(sums)
     count = max(sums[2].item(), 1.0)
     metrics = {"psnr": sums[0].item() / count, "ssim": sums[1].item() / count}
+    if statistics is not None:
+        metrics.update(summary_metrics(statistics.result()))
     accelerator.log({f"val/{k}": v for k, v in metrics.items()}, step=step)
     logger.info("step %d validation: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     return metrics
