@@ -159,3 +159,198 @@ def test_visualize_writes_the_spectrum_plot(tmp_path, photo_folder):
     assert main(["visualize", "--model", str(tmp_path / "m"), str(photo_folder), "--resolution", "32",
                  "--device", "cpu", "--output-dir", str(tmp_path / "viz")]) == 0
     assert Image.open(tmp_path / "viz" / "spectrum.png").size[0] > 100
+
+
+# --------------------------------------------------------------------------- regularisers vs their formulas
+
+
+def _tiny(preset: str = "tiny-kl", seed: int = 0):
+    from latent_vae.config import ModelConfig
+    from latent_vae.models.loading import build_autoencoder
+
+    torch.manual_seed(seed)
+    return build_autoencoder(ModelConfig(preset=preset))
+
+
+def _l1(target, decoded):
+    return (target - decoded).abs().mean()
+
+
+def test_scale_equivariance_loss_is_the_published_downsampling_consistency():
+    from latent_vae.config import ScaleEquivarianceConfig
+    from latent_vae.losses.equivariance import scale_equivariance_loss
+
+    vae = _tiny()
+    images = _smooth_images(2, 64)
+    latents = vae.encode(images).latent_dist.mode()
+    cfg = ScaleEquivarianceConfig(weight=0.7, factors=[0.5, 0.25])
+    loss, logs = scale_equivariance_loss(images, latents, lambda z: vae.decode(z).sample, _l1, cfg)
+    expected = []
+    for size in (4, 2):  # the 8x8 latent grid halved and quartered; the image to 8x the latent size
+        small_z = F.interpolate(latents, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        small_x = F.interpolate(images, size=(8 * size, 8 * size), mode="bilinear", antialias=True,
+                                align_corners=False)
+        expected.append((small_x - vae.decode(small_z).sample).abs().mean())
+    assert loss.item() == pytest.approx(0.7 * (expected[0] + expected[1]).item() / 2, rel=1e-5)
+    assert logs["scale_equivariance"].item() == pytest.approx((expected[0] + expected[1]).item() / 2, rel=1e-5)
+    loss.backward()
+    assert vae.encoder.conv_out.weight.grad is not None  # the latents learn from it too, not only the decoder
+
+
+def test_eq_vae_loss_is_the_transformed_reconstruction_on_the_drawn_steps():
+    from latent_vae.config import EQVAEConfig
+    from latent_vae.losses.equivariance import EQVAERegularizer
+
+    vae = _tiny()
+    images = _smooth_images(2, 64)
+    latents = vae.encode(images).latent_dist.mode()
+    regularizer = EQVAERegularizer(EQVAEConfig(weight=2.0, probability=0.5, scales=[0.5, 0.75],
+                                               rotations=["rot90", "hflip"]), seed=3)
+    draws = [regularizer.draw(step) for step in range(200)]
+    assert 0.4 < sum(bool(d) for d in draws) / 200 < 0.6  # the per-step probability
+    assert draws == [regularizer.draw(step) for step in range(200)]  # a pure function of (seed, step)
+    step = next(s for s, d in enumerate(draws) if d and d[0] == "scale_0.75" and d[1] == "rot90")
+    loss, logs = regularizer(images, latents, lambda z: vae.decode(z).sample, _l1, step)
+    # direct: 8x8 latent -> round(0.75·8) = 6, image -> 48; then a quarter turn of both
+    z = torch.rot90(F.interpolate(latents, size=(6, 6), mode="bilinear", antialias=True, align_corners=False), 1,
+                    dims=(-2, -1))
+    x = torch.rot90(F.interpolate(images, size=(48, 48), mode="bilinear", antialias=True, align_corners=False), 1,
+                    dims=(-2, -1))
+    assert loss.item() == pytest.approx(2.0 * (x - vae.decode(z).sample).abs().mean().item(), rel=1e-5)
+    idle = next(s for s, d in enumerate(draws) if not d)
+    assert regularizer(images, latents, lambda z: vae.decode(z).sample, _l1, idle)[0].item() == 0.0
+
+
+def _lightningdit_vf_loss(z, aux_feature, distmat_margin, cos_margin):
+    """VA-VAE's VF loss as hustvl/LightningDiT writes it (contperceptual.py), for comparison."""
+    b, c = z.shape[:2]
+    z_norm = F.normalize(z.reshape(b, c, -1), dim=1)
+    aux_norm = F.normalize(aux_feature.reshape(b, aux_feature.shape[1], -1), dim=1)
+    diff = torch.abs(torch.bmm(z_norm.transpose(1, 2), z_norm) - torch.bmm(aux_norm.transpose(1, 2), aux_norm))
+    loss_1 = F.relu(diff - distmat_margin).mean()
+    loss_2 = F.relu(1 - cos_margin - F.cosine_similarity(aux_feature, z)).mean()
+    return loss_1 + loss_2
+
+
+def test_vf_loss_is_vavaes_marginal_cosine_plus_marginal_distance_matrix():
+    from latent_vae.config import VFLossConfig
+    from latent_vae.losses.vf import vf_loss
+
+    generator = torch.Generator().manual_seed(0)
+    z, f = torch.randn(3, 16, 5, 5, generator=generator), torch.randn(3, 16, 5, 5, generator=generator)
+    for cos_margin, distmat_margin in ((0.5, 0.25), (0.0, 0.0), (0.9, 0.05)):
+        loss, logs = vf_loss(z, f, VFLossConfig(cos_margin=cos_margin, distmat_margin=distmat_margin))
+        assert loss.item() == pytest.approx(_lightningdit_vf_loss(z, f, distmat_margin, cos_margin).item(), rel=1e-5)
+    aligned, _ = vf_loss(f * 2.0, f, VFLossConfig())  # same directions: both margins absorb everything
+    assert aligned.item() == 0.0
+
+
+def _tiny_dinov2(folder=None):
+    """A tiny randomly initialised DINOv2 (built in code; never a stand-in for real weights at run time)."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    torch.manual_seed(0)
+    model = Dinov2Model(Dinov2Config(hidden_size=24, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=48, patch_size=8, image_size=64))
+    if folder is not None:
+        model.save_pretrained(folder)
+    return model
+
+
+def test_vf_adaptive_weight_is_the_gradient_norm_ratio_at_the_encoders_last_layer():
+    from latent_vae.config import load_config
+    from latent_vae.losses.autoencoder_loss import AutoencoderLoss
+    from latent_vae.losses.diffusability import build_diffusability
+    from latent_vae.losses.vf import VisionBackbone
+
+    cfg = load_config(None, ["regularizer.vf.weight=0.1", "reconstruction.perceptual_weight=0",
+                             "regularizer.vf.image_size=64"])
+    vae = _tiny()
+    terms = build_diffusability(vae, cfg, VisionBackbone(_tiny_dinov2(), 64))
+    images = _smooth_images(2, 64)
+    latents = vae.encode(images).latent_dist.mode()
+    recon = vae.decode(latents).sample
+    rec_terms = AutoencoderLoss(cfg.reconstruction, cfg.gan).reconstruction_terms
+    total, logs = terms(vae, images, latents, recon, torch.zeros(()), rec_terms, 0)
+    layer = vae.encoder.conv_out.weight
+    nll = (images - recon).abs().sum() / 2  # reduction "sum": over C·H·W, mean over the batch
+    vf, _ = terms.vf(images, latents)
+    g_nll = torch.autograd.grad(nll, layer, retain_graph=True)[0]
+    g_vf = torch.autograd.grad(vf, layer, retain_graph=True)[0]
+    weight = 0.1 * (g_nll.norm() / (g_vf.norm() + 1e-4))
+    assert logs["vf_weight"].item() == pytest.approx(weight.item(), rel=1e-4)
+    assert total.item() == pytest.approx((weight * vf).item(), rel=1e-4)
+
+
+def test_missing_vf_backbone_weights_fail_naming_the_fix(tmp_path):
+    from latent_vae.config import VFLossConfig
+    from latent_vae.errors import USER_ERRORS, VisionBackboneUnavailable
+    from latent_vae.losses.vf import load_vision_backbone
+
+    with pytest.raises(VisionBackboneUnavailable, match="regularizer.vf.backbone") as caught:
+        load_vision_backbone(VFLossConfig(weight=0.1, backbone=str(tmp_path / "no-such-model")))
+    assert isinstance(caught.value, USER_ERRORS) and "regularizer.vf.weight=0" in str(caught.value)
+
+
+def test_vf_with_a_frozen_encoder_is_refused():
+    from latent_vae.config import load_config
+    from latent_vae.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="model.trainable=all"):
+        load_config(None, ["regularizer.vf.weight=0.1", "model.trainable=decoder"])
+
+
+STOCK_LOAD = """
+import sys, torch
+from diffusers import AutoencoderKL
+model = AutoencoderKL.from_pretrained(sys.argv[1]).eval()
+with torch.no_grad():
+    out = model.decode(model.encode(torch.zeros(1, 3, 32, 32)).latent_dist.mode()).sample
+assert out.shape == (1, 3, 32, 32) and "latent_vae" not in sys.modules
+print("stock ok")
+"""
+
+
+def test_training_with_all_three_regularisers_exports_a_stock_model_without_the_projection(tmp_path):
+    from safetensors.torch import load_file
+
+    from conftest import fast_config, run_python
+    from latent_vae.train.loop import train
+
+    _tiny_dinov2(tmp_path / "dinov2")
+    summary = train(fast_config("train.max_steps=3", "regularizer.scale_equivariance.weight=0.5",
+                                "regularizer.eq_vae.weight=1.0", "regularizer.eq_vae.probability=1.0",
+                                "regularizer.vf.weight=0.1", f"regularizer.vf.backbone={tmp_path / 'dinov2'}",
+                                "regularizer.vf.image_size=32", "data.val_images=2", "train.val_every=3",
+                                "logging.diffusability=true"), tmp_path / "run")
+    assert summary.steps == 3 and math.isfinite(summary.val_metrics["latent_hf_fraction"])
+    assert "eq_psnr_rot90" in summary.val_metrics
+    checkpoint = sorted((tmp_path / "run" / "checkpoints").glob("checkpoint-*"))[-1]
+    trained = load_file(checkpoint / "autoencoder.safetensors")
+    assert "regularizer.diffusability.vf.projection.weight" in trained  # trained and checkpointed ...
+    assert not any("backbone" in key or "dinov2" in key for key in trained)  # ... the frozen backbone is not
+    exported = {k for f in (tmp_path / "run" / "model").glob("*.safetensors") for k in load_file(f)}
+    assert exported and not any("projection" in k or "regularizer" in k for k in exported)
+    result = run_python(STOCK_LOAD, str(tmp_path / "run" / "model"))
+    assert result.returncode == 0, result.stderr
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "VF loss: backbone" in log
+
+
+def test_the_decoder_regularisers_serve_vq_models_through_the_straight_through_latents():
+    from latent_vae.config import load_config
+    from latent_vae.losses import build_regularizer
+    from latent_vae.losses.autoencoder_loss import AutoencoderLoss
+
+    cfg = load_config(None, ["model.preset=tiny-vq", "regularizer.kind=vq", "reconstruction.perceptual_weight=0",
+                             "regularizer.scale_equivariance.weight=1", "regularizer.eq_vae.weight=1",
+                             "regularizer.eq_vae.probability=1"])
+    vae = _tiny("tiny-vq")
+    regularizer = build_regularizer(vae, cfg)
+    images = _smooth_images(2, 32)
+    out = regularizer(vae.encode(images).latents, 0)
+    rec_terms = AutoencoderLoss(cfg.reconstruction, cfg.gan).reconstruction_terms
+    loss, logs = regularizer.diffusability(vae, images, out.latents, None, torch.zeros(()), rec_terms, 0)
+    assert set(logs) == {"scale_equivariance", "eq_vae"} and torch.isfinite(loss)
+    loss.backward()
+    assert vae.encoder.conv_out.weight.grad.abs().sum() > 0
