@@ -107,8 +107,8 @@ def test_channel_statistics_are_the_moments_of_the_latents():
 
 
 def test_measure_on_a_stock_model_reports_every_transform():
-    from latent_vae.models.loading import build_autoencoder
     from latent_vae.config import ModelConfig
+    from latent_vae.models.loading import build_autoencoder
 
     torch.manual_seed(0)
     model = build_autoencoder(ModelConfig(preset="tiny-kl")).eval()
@@ -138,7 +138,8 @@ def test_eval_and_compare_report_diffusability_in_json_and_csv(tmp_path, photo_f
     summary = json.loads((tmp_path / "e.json").read_text())
     assert 0 < summary["metrics"]["latent_hf_fraction"] < 1
     assert summary["diffusability"]["equivariance"]["rot90"]["psnr"] == summary["metrics"]["eq_psnr_rot90"]
-    rows = list(csv.DictReader(open(tmp_path / "e.csv")))
+    with open(tmp_path / "e.csv") as handle:
+        rows = list(csv.DictReader(handle))
     assert len(rows) == 6 and float(rows[0]["eq_psnr_hflip"]) > 0
     mean_of_rows = sum(float(r["eq_psnr_scale_0.5"]) for r in rows) / len(rows)
     assert mean_of_rows == pytest.approx(summary["metrics"]["eq_psnr_scale_0.5"], rel=1e-5)
@@ -210,7 +211,7 @@ def test_eq_vae_loss_is_the_transformed_reconstruction_on_the_drawn_steps():
     assert 0.4 < sum(bool(d) for d in draws) / 200 < 0.6  # the per-step probability
     assert draws == [regularizer.draw(step) for step in range(200)]  # a pure function of (seed, step)
     step = next(s for s, d in enumerate(draws) if d and d[0] == "scale_0.75" and d[1] == "rot90")
-    loss, logs = regularizer(images, latents, lambda z: vae.decode(z).sample, _l1, step)
+    loss, _ = regularizer(images, latents, lambda z: vae.decode(z).sample, _l1, step)
     # direct: 8x8 latent -> round(0.75·8) = 6, image -> 48; then a quarter turn of both
     z = torch.rot90(F.interpolate(latents, size=(6, 6), mode="bilinear", antialias=True, align_corners=False), 1,
                     dims=(-2, -1))
@@ -239,7 +240,7 @@ def test_vf_loss_is_vavaes_marginal_cosine_plus_marginal_distance_matrix():
     generator = torch.Generator().manual_seed(0)
     z, f = torch.randn(3, 16, 5, 5, generator=generator), torch.randn(3, 16, 5, 5, generator=generator)
     for cos_margin, distmat_margin in ((0.5, 0.25), (0.0, 0.0), (0.9, 0.05)):
-        loss, logs = vf_loss(z, f, VFLossConfig(cos_margin=cos_margin, distmat_margin=distmat_margin))
+        loss, _ = vf_loss(z, f, VFLossConfig(cos_margin=cos_margin, distmat_margin=distmat_margin))
         assert loss.item() == pytest.approx(_lightningdit_vf_loss(z, f, distmat_margin, cos_margin).item(), rel=1e-5)
     aligned, _ = vf_loss(f * 2.0, f, VFLossConfig())  # same directions: both margins absorb everything
     assert aligned.item() == 0.0
@@ -312,9 +313,9 @@ print("stock ok")
 
 
 def test_training_with_all_three_regularisers_exports_a_stock_model_without_the_projection(tmp_path):
+    from conftest import fast_config, run_python
     from safetensors.torch import load_file
 
-    from conftest import fast_config, run_python
     from latent_vae.train.loop import train
 
     _tiny_dinov2(tmp_path / "dinov2")
@@ -325,7 +326,7 @@ def test_training_with_all_three_regularisers_exports_a_stock_model_without_the_
                                 "logging.diffusability=true"), tmp_path / "run")
     assert summary.steps == 3 and math.isfinite(summary.val_metrics["latent_hf_fraction"])
     assert "eq_psnr_rot90" in summary.val_metrics
-    checkpoint = sorted((tmp_path / "run" / "checkpoints").glob("checkpoint-*"))[-1]
+    checkpoint = max((tmp_path / "run" / "checkpoints").glob("checkpoint-*"))
     trained = load_file(checkpoint / "autoencoder.safetensors")
     assert "regularizer.diffusability.vf.projection.weight" in trained  # trained and checkpointed ...
     assert not any("backbone" in key or "dinov2" in key for key in trained)  # ... the frozen backbone is not
@@ -354,3 +355,57 @@ def test_the_decoder_regularisers_serve_vq_models_through_the_straight_through_l
     assert set(logs) == {"scale_equivariance", "eq_vae"} and torch.isfinite(loss)
     loss.backward()
     assert vae.encoder.conv_out.weight.grad.abs().sum() > 0
+
+
+# --------------------------------------------------------------------------- the diffusion probe
+
+
+def test_probe_trains_the_same_denoiser_per_tokenizer_and_reports_held_out_loss(tmp_path, capsys):
+    import json
+
+    from conftest import write_photo_crops
+
+    from latent_vae.cli import main
+
+    write_photo_crops(tmp_path / "photos", count=8, size=32)
+    _tiny("tiny-kl", seed=0).save_pretrained(tmp_path / "a")
+    _tiny("tiny-kl", seed=0).save_pretrained(tmp_path / "same")
+    _tiny("tiny-vq", seed=1).save_pretrained(tmp_path / "vq")
+    args = ["probe", "--model", str(tmp_path / "a"), "--model", str(tmp_path / "same"), "--model", str(tmp_path / "vq"),
+            "--data", str(tmp_path / "photos"), "--resolution", "32", "--held-out", "2", "--steps", "20",
+            "--batch-size", "4", "--channels", "8", "16", "--timesteps", "100", "600", "--noise-draws", "2",
+            "--eval-every", "10", "--samples", "2", "--sample-steps", "3", "--output-dir", str(tmp_path / "out")]
+    assert main(args) == 0
+    payload = json.loads((tmp_path / "out" / "probe.json").read_text())
+    rows = {row["label"]: row for row in payload["tokenizers"]}
+    assert set(rows) == {"a", "same", "vq"} and payload["settings"]["held_out_images"] == 2
+    # identical tokenizers under the same seeds: identical probes (the budget and noise are shared)
+    assert rows["a"]["held_out_loss"] == rows["same"]["held_out_loss"]
+    assert rows["a"]["curve"] == rows["same"]["curve"] and len(rows["a"]["curve"]) == 2
+    assert rows["vq"]["held_out_loss"] != rows["a"]["held_out_loss"]
+    by_t = rows["a"]["held_out_loss_by_timestep"]
+    assert rows["a"]["held_out_loss"] == pytest.approx((by_t["100"] + by_t["600"]) / 2)
+    assert (tmp_path / "out" / "loss_curves.png").is_file() and (tmp_path / "out" / "samples.png").is_file()
+    assert "held-out" in capsys.readouterr().out
+
+
+def test_probe_denoiser_learns():
+    from latent_vae.probe import ProbeOptions, build_denoiser, held_out_loss
+
+    options = ProbeOptions(timesteps=(300,), noise_draws=2, channels=(8, 16))
+    generator = torch.Generator().manual_seed(0)
+    latents = F.interpolate(torch.randn(6, 4, 2, 2, generator=generator), size=(8, 8), mode="bilinear")
+    denoiser = build_denoiser(4, 8, options.channels, 0)
+    before = held_out_loss(denoiser, latents, options, torch.device("cpu"))[300]
+    optimizer = torch.optim.AdamW(denoiser.parameters(), lr=3e-3)
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    for _ in range(60):
+        noise = torch.randn(latents.shape, generator=generator)
+        t = torch.randint(1000, (len(latents),), generator=generator)
+        loss = F.mse_loss(denoiser(scheduler.add_noise(latents, noise, t), t).sample, noise)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert held_out_loss(denoiser, latents, options, torch.device("cpu"))[300] < 0.7 * before

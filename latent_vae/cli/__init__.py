@@ -28,7 +28,7 @@ def add_tiling_arguments(group, what: str) -> None:
 
 # The order of `latent-vae --help`: the workflow first; any other command follows alphabetically.
 ORDER = ("train", "encode", "stats", "decode", "eval", "compare", "export", "import", "interpolate", "sample",
-         "visualize", "score")
+         "visualize", "score", "probe")
 
 
 def _subcommands():
