@@ -99,7 +99,10 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lpips-weights", help="torchvision AlexNet weights file: adds LPIPS-Alex (else not measured)")
     parser.add_argument("--vf-backbone", help="DINOv2 (or other AutoModel) hub id / folder: adds the VF variant")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads (default 1: on a shared CPU more threads spin against each other)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     quiet_library_logs()
     torch.manual_seed(args.seed)
 
