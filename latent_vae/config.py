@@ -199,14 +199,89 @@ class VQConfig:
         check_positive("regularizer.vq.ema_epsilon", self.ema_epsilon)
 
 
+# EQ-VAE's scale factors (zelaki/eqvae ldm/models/autoencoder.py): s/32 for s = 8 … 31.
+EQ_VAE_SCALES = [s / 32 for s in range(8, 32)]
+LATENT_ROTATIONS = ("rot90", "rot180", "rot270", "hflip")
+
+
+@dataclass
+class ScaleEquivarianceConfig:
+    """Skorokhodov et al. 2025: decode downscaled latents, match the equally downscaled image
+    (``losses/equivariance.py``). Off at weight 0."""
+
+    weight: float = 0.0
+    factors: List[float] = field(default_factory=lambda: [0.5, 0.25])
+
+    def __post_init__(self) -> None:
+        check_positive("regularizer.scale_equivariance.weight", self.weight, allow_zero=True)
+        _check_scales("regularizer.scale_equivariance.factors", self.factors, allow_empty=self.weight == 0)
+
+
+@dataclass
+class EQVAEConfig:
+    """EQ-VAE (Kouzelis et al. 2025): with ``probability`` per step, decode a scaled and/or rotated
+    latent and match the same transform of the image (``losses/equivariance.py``). Off at weight 0."""
+
+    weight: float = 0.0
+    probability: float = 0.5
+    scales: List[float] = field(default_factory=lambda: list(EQ_VAE_SCALES))
+    rotations: List[str] = field(default_factory=lambda: ["rot90", "rot180", "rot270"])
+
+    def __post_init__(self) -> None:
+        check_positive("regularizer.eq_vae.weight", self.weight, allow_zero=True)
+        if not 0.0 <= self.probability <= 1.0:
+            raise ConfigError(f"regularizer.eq_vae.probability={self.probability} must be in [0, 1]")
+        _check_scales("regularizer.eq_vae.scales", self.scales, allow_empty=True)
+        for rotation in self.rotations:
+            check_choice("regularizer.eq_vae.rotations", rotation, LATENT_ROTATIONS)
+        if self.weight > 0 and not (self.scales or self.rotations):
+            raise ConfigError("regularizer.eq_vae needs scales or rotations to draw from (or weight=0)")
+
+
+@dataclass
+class VFLossConfig:
+    """VA-VAE's vision-foundation alignment loss (Yao et al. 2025, ``losses/vf.py``). Off at weight 0.
+    ``backbone``: a transformers ``AutoModel`` image backbone, hub id or local folder."""
+
+    weight: float = 0.0
+    backbone: str = "facebook/dinov2-large"
+    image_size: int = 224
+    cos_margin: float = 0.5
+    distmat_margin: float = 0.25
+    cos_weight: float = 1.0
+    distmat_weight: float = 1.0
+    adaptive_weight: bool = True
+    adaptive_weight_max: float = 1.0e8
+
+    def __post_init__(self) -> None:
+        for name in ("weight", "cos_margin", "distmat_margin", "cos_weight", "distmat_weight"):
+            check_positive(f"regularizer.vf.{name}", getattr(self, name), allow_zero=True)
+        check_positive("regularizer.vf.image_size", self.image_size)
+        check_positive("regularizer.vf.adaptive_weight_max", self.adaptive_weight_max)
+
+
+def _check_scales(name: str, scales: List[float], allow_empty: bool) -> None:
+    if not scales and not allow_empty:
+        raise ConfigError(f"{name} is empty: give downscale factors in (0, 1), e.g. [0.5, 0.25]")
+    for scale in scales:
+        check_finite(name, scale)
+        if not 0.0 < scale < 1.0:
+            raise ConfigError(f"{name} holds {scale}: every factor must be in (0, 1) (a downscale)")
+
+
 @dataclass
 class RegularizerConfig:
     """What shapes the latent space: ``kind`` kl (an AutoencoderKL) or vq (a VQModel), and its settings.
-    Only the section of ``kind`` is used; the kind must match the model's class."""
+    Only the section of ``kind`` is used; the kind must match the model's class. The diffusability
+    sections (``scale_equivariance``, ``eq_vae``, ``vf``) apply to either kind."""
 
     kind: str = "kl"
     kl: KLConfig = field(default_factory=KLConfig)
     vq: VQConfig = field(default_factory=VQConfig)
+    # Diffusability regularisers (KL and VQ alike), added to the objective when their weight is > 0.
+    scale_equivariance: ScaleEquivarianceConfig = field(default_factory=ScaleEquivarianceConfig)
+    eq_vae: EQVAEConfig = field(default_factory=EQVAEConfig)
+    vf: VFLossConfig = field(default_factory=VFLossConfig)
 
     def __post_init__(self) -> None:
         check_choice("regularizer.kind", self.kind, REGULARIZER_KINDS)
@@ -268,6 +343,7 @@ class LoggingConfig:
     project: str = "latent_vae"
     log_every: int = 10
     image_every: int = 200
+    diffusability: bool = False  # validation also logs latent spectrum and equivariance (evaluate/diffusability.py)
 
     def __post_init__(self) -> None:
         for tracker in self.trackers:
@@ -333,6 +409,9 @@ class Config:
     def __post_init__(self) -> None:
         if not self.model.pretrained:  # a pretrained model's class is checked when it is loaded
             check_regularizer_kind(self.regularizer.kind, preset_kind(self.model.preset), f"model.preset={self.model.preset}")
+        if self.regularizer.vf.weight > 0 and self.model.trainable == "decoder":
+            raise ConfigError("regularizer.vf aligns the encoder's latents, which model.trainable=decoder freezes: "
+                              "set model.trainable=all, or regularizer.vf.weight=0")
 
 
 def check_regularizer_kind(configured: str, model_kind: str, what: str) -> None:

@@ -51,6 +51,10 @@ class InceptionWeightsUnavailable(PerceptualWeightsUnavailable):
     """The Inception weights of rFID are missing."""
 
 
+class VisionBackboneUnavailable(PerceptualWeightsUnavailable):
+    """The foundation model of the VF loss (DINOv2 ...) cannot be loaded; the message names the fix."""
+
+
 class IncompatibleVAE(ValueError):
     """A VAE that cannot replace a pipeline's VAE (latent channels or convention differ)."""
 

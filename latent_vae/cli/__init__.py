@@ -68,8 +68,8 @@ class SuggestingParser(argparse.ArgumentParser):
 
 
 # The order of `latent-vae --help`: the workflow first; any other command follows alphabetically.
-ORDER = ("train", "distill", "encode", "stats", "decode", "eval", "compare", "export", "import", "interpolate", "sample",
-         "visualize", "score")
+ORDER = ("train", "distill", "encode", "stats", "decode", "eval", "compare", "probe", "export", "import", "interpolate",
+         "sample", "visualize", "score")
 
 
 def _subcommands():

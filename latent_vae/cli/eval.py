@@ -21,6 +21,7 @@ Every image is resized (shorter side) to --resolution and centre-cropped, encode
                 only comparable between runs with the same images and resolution
   VQ models     codebook usage and perplexity over the whole set
   KL models     KL per latent channel and active units (posterior-collapse monitor)
+  --diffusability  latent high-frequency fraction vs RGB, equivariance PSNR, channel statistics
 Unreadable images are skipped and listed by path and reason in the output and the JSON.
 
 LPIPS and rFID need pretrained network weights that are downloaded at first use. Offline,
@@ -71,6 +72,10 @@ def add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
     metrics.add_argument("--fid-features", type=int, choices=FID_FEATURE_SIZES, default=2048,
                          help="InceptionV3 feature layer for rFID (default: 2048, the standard)")
     metrics.add_argument("--no-fid", action="store_true", help="skip rFID")
+    metrics.add_argument("--diffusability", action="store_true",
+                         help="also measure what a diffusion model gets from the latents: latent vs RGB power spectrum "
+                              "(high-frequency fraction), equivariance PSNR under x0.5/x0.75 downscale, rotations and "
+                              "hflip, per-channel mean/std/correlation (docs/DIFFUSABILITY.md)")
 
 
 def lpips_weight_files(entries: List[str], nets: List[str]) -> Dict[str, str]:
@@ -101,7 +106,7 @@ def evaluation_options(args: argparse.Namespace):
         tile_overlap=args.tile_overlap,
         precision=args.precision, lpips=tuple(nets), lpips_weights=lpips_weight_files(args.lpips_weights, nets),
         fid=not args.no_fid, fid_weights=args.fid_weights, fid_features=args.fid_features,
-        grid_images=getattr(args, "grid_images", 0),
+        grid_images=getattr(args, "grid_images", 0), diffusability=args.diffusability,
     )
 
 

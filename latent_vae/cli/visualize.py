@@ -21,6 +21,9 @@ Writes to --output-dir:
   histograms.png        per channel, the histogram of the scaled latents
                         ((z - shift_factor) * scaling_factor) over all images vs N(0, 1)
   latent_stats.csv      per channel: mean, std, min, max, fraction beyond +-3
+  spectrum.png          radially averaged power spectrum of the latents (model latents, solid)
+                        and of the images downscaled to the latent grid (dashed), with the
+                        fraction of power above half Nyquist of each (docs/DIFFUSABILITY.md)
   unreadable.csv        inputs that could not be read, with reasons (only if any)
 
 examples:

@@ -39,6 +39,7 @@ from ..models.tiling import tiling
 from ..runtime import autocast, configure_cpu_threads
 from ..seeding import derive_seed, seeded_normal
 from .dataset import eval_loader, load_eval_images
+from .diffusability import DiffusabilityStatistics, model_statistics, summary_metrics
 from .metrics import psnr_per_image, ssim_per_image
 from .networks import MetricNetworks, build_metric_networks
 from .options import EvalOptions
@@ -86,7 +87,8 @@ def _scores(images: torch.Tensor, recon: torch.Tensor, lpips_nets: Dict[str, nn.
 
 def _evaluate_shard(model: Autoencoder, source: ImageSource, shard: Sequence[int], options: EvalOptions,
                     lpips_nets: Dict[str, nn.Module], statistics: SetStatistics, device: torch.device,
-                    show_progress: bool) -> Tuple[List[Dict[str, Any]], List[Failure]]:
+                    show_progress: bool, diffusability: Optional[DiffusabilityStatistics] = None
+                    ) -> Tuple[List[Dict[str, Any]], List[Failure]]:
     """This process's per-image rows and read failures; the set statistics are updated on the way."""
     from tqdm.auto import tqdm
 
@@ -109,6 +111,9 @@ def _evaluate_shard(model: Autoencoder, source: ImageSource, shard: Sequence[int
             recon = recon.float()
             statistics.update(images, recon, extras)
             scores = _scores(images, recon, lpips_nets, extras)
+            if diffusability is not None:
+                with autocast(device, options.precision):
+                    scores.update(diffusability.update(images))
             for i, index in enumerate(batch["indices"]):
                 row = {"index": index, "key": source.key(index), "upscaled": batch["upscaled"][i]}
                 row.update({name: float(values[i]) for name, values in scores.items()})
@@ -148,8 +153,9 @@ def evaluate(model: Autoencoder, source: ImageSource, options: Optional[EvalOpti
     lpips_nets = {name: net.to(device) for name, net in networks.lpips.items()}
     statistics = SetStatistics(model, options, networks, device)
     shard = range(state.process_index, len(source), state.num_processes)
+    diffusability = model_statistics(model, device) if options.diffusability else None
     rows, read_failures = _evaluate_shard(model, source, shard, options, lpips_nets, statistics, device,
-                                          options.progress and state.is_main_process)
+                                          options.progress and state.is_main_process, diffusability)
 
     rows = sorted(gather_object(rows), key=lambda r: r["index"])
     metrics = {name: float(np.mean([r[name] for r in rows])) if rows else None
@@ -160,6 +166,9 @@ def evaluate(model: Autoencoder, source: ImageSource, options: Optional[EvalOpti
         upscaled=sum(r["upscaled"] for r in rows), settings=_settings(options, lpips_nets, networks),
     )
     statistics.finish(result)
+    if diffusability is not None:
+        result.diffusability = diffusability.result()
+        result.metrics.update(summary_metrics(result.diffusability))
     if result.upscaled:
         result.warnings.append(f"{result.upscaled} images were smaller than {options.resolution}px and upscaled")
     if state.is_main_process:

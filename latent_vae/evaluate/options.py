@@ -37,6 +37,7 @@ class EvalOptions:
     fid_weights: Optional[str] = None  # local InceptionV3 weights file
     fid_features: int = 2048
     grid_images: int = 8
+    diffusability: bool = False       # latent spectrum, equivariance, channel statistics (evaluate/diffusability.py)
     progress: bool = True
 
     def __post_init__(self) -> None:

@@ -23,6 +23,10 @@ PROTOCOL = {
             "resize to 299) of the uint8 originals and reconstructions of the same images "
             "(torchmetrics); depends on the number of images: compare only equal protocols",
     "kl": "0.5*(mu^2+sigma^2-1-log sigma^2) per latent element (nats), averaged",
+    "latent_hf_fraction": "share of the latents' power (FFT, per-channel mean removed) above half the Nyquist "
+                          "frequency; image_hf_fraction: the same for the RGB images area-downscaled to the latent grid",
+    "eq_psnr": "PSNR of decode(T(encode(x))) vs T(x) per transform T (x0.5/x0.75 antialiased bilinear, rotations, "
+               "hflip), capped at 100 dB; eq_latent_error: ||enc(Tx) - T(enc x)|| / ||T(enc x)|| over the set",
     "active_units": f"latent channels whose posterior-mean variance across images, averaged over positions, "
                     f"exceeds {ACTIVE_UNIT_THRESHOLD}",
 }
@@ -38,6 +42,7 @@ class EvalResult:
     settings: Dict[str, Any]
     latent: Optional[Dict[str, Any]] = None
     codebook: Optional[Dict[str, Any]] = None
+    diffusability: Optional[Dict[str, Any]] = None
     warnings: List[str] = field(default_factory=list)
     grid: Optional[np.ndarray] = None  # inputs above reconstructions, HWC uint8 (main process only)
 
@@ -61,6 +66,8 @@ class EvalResult:
             payload["latent"] = self.latent
         if self.codebook is not None:
             payload["codebook"] = self.codebook
+        if self.diffusability is not None:
+            payload["diffusability"] = self.diffusability
         return payload
 
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from ..data.images import image_grid
 from ..data.sources import Failure, ImageSource
+from ..evaluate.diffusability import measure, plot_spectra
 from ..models.stock import Autoencoder, decoder_latents, downsample_factor, to_diffusion_latents
 from .common import (
     check_resolution,
@@ -129,7 +130,8 @@ class VisualizationResult:
 def write_visualizations(model: Autoencoder, source: ImageSource, output_dir: str | Path,
                          resolution: int, known_failures: Sequence[Failure] = ()) -> VisualizationResult:
     """For each readable image ``<stem>_channels.png`` and ``<stem>_pca.png`` (input | reconstruction |
-    PCA-RGB); over all of them ``histograms.png``, ``latent_stats.csv`` and ``unreadable.csv``
+    PCA-RGB); over all of them ``histograms.png``, ``latent_stats.csv``, ``spectrum.png`` (latent vs
+    RGB power spectrum, ``evaluate.diffusability``) and ``unreadable.csv``
     (``known_failures`` and inputs that failed to decode). Meant for a handful of images: all are
     held in memory, and the PCA is fitted over all of them."""
     check_resolution(model, resolution)
@@ -155,6 +157,8 @@ def write_visualizations(model: Autoencoder, source: ImageSource, output_dir: st
     files.append(histogram_figure(scaled, output_dir / "histograms.png"))
     statistics = channel_statistics(scaled)
     files.append(write_csv(statistics, output_dir / "latent_stats.csv"))
+    spectra = measure(model, [pixels.to(model.device)], transforms=())  # the spectrum alone: no extra passes
+    files.append(plot_spectra({"model": spectra}, output_dir / "spectrum.png"))
     write_failures(failures, output_dir / "unreadable.csv")
     return VisualizationResult(files, statistics, keys, failures)
 

@@ -7,6 +7,7 @@ from ..errors import PerceptualWeightsUnavailable
 from ..models.stock import Autoencoder, is_vq
 from .autoencoder_loss import AutoencoderLoss, adaptive_gan_weight
 from .base import RegularizerOutput, reduce_elements
+from .diffusability import DiffusabilityRegularizer, build_diffusability
 from .discriminator import PatchDiscriminator, discriminator_loss, generator_loss, lecam_regularizer
 from .kl import KLRegularizer, kl_weight_at
 from .perceptual import PerceptualLoss, build_lpips
@@ -28,15 +29,23 @@ __all__ = [
     "reduce_elements",
     "VectorQuantizerTrainer",
     "build_regularizer",
+    "DiffusabilityRegularizer",
+    "build_diffusability",
 ]
 
 
 def build_regularizer(vae: Autoencoder, config: Config) -> nn.Module:
-    """The latent regulariser of ``regularizer.kind``, which must be the model's own (KL or VQ)."""
+    """The latent regulariser of ``regularizer.kind``, which must be the model's own (KL or VQ), holding
+    the enabled diffusability regularisers as ``.diffusability`` (trained and checkpointed with it)."""
     kind = "vq" if is_vq(vae) else "kl"
     check_regularizer_kind(config.regularizer.kind, kind, f"model {config.model.pretrained or config.model.preset}")
     reduction = config.reconstruction.reduction
     if kind == "vq":
-        return VectorQuantizerTrainer(vae.quantize.embedding, config.regularizer.vq, reduction, config.train.seed,
-                                      frozen=config.model.trainable == "decoder")
-    return KLRegularizer(config.regularizer.kl, reduction)
+        regularizer = VectorQuantizerTrainer(vae.quantize.embedding, config.regularizer.vq, reduction,
+                                             config.train.seed, frozen=config.model.trainable == "decoder")
+    else:
+        regularizer = KLRegularizer(config.regularizer.kl, reduction)
+    diffusability = build_diffusability(vae, config)
+    if diffusability is not None:  # a submodule only when enabled: plain runs keep their checkpoint keys
+        regularizer.diffusability = diffusability
+    return regularizer

@@ -121,13 +121,15 @@ def _train(cfg: Config, start: RunStart, resume: Optional[str], overwrite: bool,
 
     # ---------------------------------------------------------------- training loop
     if val_loader is not None and step == 0:
-        initial_val_metrics = validate(state.autoencoder.vae, val_loader, accelerator, step)
+        initial_val_metrics = validate(state.autoencoder.vae, val_loader, accelerator, step,
+                                       cfg.logging.diffusability)
+    start.training()  # from here on the folder holds a run, whatever happens
     outcome = run_steps(
         state, cfg, cfg_dict, accelerator, loader, failure_log, output_dir / "checkpoints", step, skipped_steps,
-        resumed=checkpoint_path is not None, images_per_step=images_per_step,
+        resumed=checkpoint_path is not None, images_per_step=images_per_step, initial_val_metrics=initial_val_metrics,
         show_images=lambda at: log_preview(preview, state.inference_model(), accelerator, output_dir, at),
         validate_now=None if val_loader is None else lambda at: validate(state.inference_model(), val_loader,
-                                                                         accelerator, at))
+                                                                         accelerator, at, cfg.logging.diffusability))
     step, stopped_early, val_metrics = outcome.step, outcome.stopped_early, outcome.val_metrics
 
     # ---------------------------------------------------------------- latent drift and export
@@ -159,17 +161,18 @@ class LoopOutcome:
 def run_steps(state: TrainState, cfg: Config, cfg_dict: Dict, accelerator, loader, failure_log: FailureLog,
               checkpoint_root: Path, step: int, skipped_steps: int, resumed: bool, images_per_step: int,
               show_images: Callable[[int], None], validate_now: Optional[Callable[[int], Dict[str, float]]],
-              desc: str = "train") -> LoopOutcome:
+              initial_val_metrics: Optional[Dict[str, float]] = None, desc: str = "train") -> LoopOutcome:
     """The loop from ``step`` to ``train.max_steps`` (``train`` and ``distill`` share it): every step is
     ``train_step``, followed by what falls due at that step — logging, ``show_images(step)``,
-    ``validate_now(step)``, a checkpoint, a stop — and a final checkpoint unless the last step has one."""
+    ``validate_now(step)``, a checkpoint, a stop — and a final checkpoint unless the last step has one.
+    ``initial_val_metrics`` (the model's before training) travel in every checkpoint."""
+    is_main, initial_val_metrics = accelerator.is_main_process, initial_val_metrics or {}
     guard = StepGuard(cfg, state.scaler, skipped_steps, accelerator.device, StopRequest(cfg.train.time_limit_minutes))
     data = iter(loader)  # here, as before: starting a DataLoader draws from the RNG that checkpoints save
     log = TrainingLog(accelerator, cfg, step, images_per_step, desc)
     accum, val_metrics = cfg.train.grad_accum_steps, {}
     last_saved = step if resumed else -1
     start_time, start_step, stopped_early = time.time(), step, False
-    start.training()  # from here on the folder holds a run, whatever happens
     try:
         while step < cfg.train.max_steps:
             batches = [next(data) for _ in range(accum)]

@@ -26,6 +26,7 @@ from ..data.stream_dataset import StreamLoader, StreamTrainDataset
 from ..distributed import all_reduce_sum_
 from ..errors import CheckpointError, TrainingError
 from ..evaluate.compare import latent_drift
+from ..evaluate.diffusability import model_statistics, summary_metrics
 from ..evaluate.metrics import psnr_per_image, ssim_per_image
 from ..interop.export import compute_scaling_factor, save_diffusers_model, set_tile_size, write_model_card
 from ..interop.hub import push_model_folder
@@ -366,11 +367,13 @@ def log_grid(grid, name: str, accelerator, output_dir: Path, step: int) -> None:
 
 
 @torch.no_grad()
-def validate(vae: Autoencoder, loader, accelerator, step: int) -> Dict[str, float]:
+def validate(vae: Autoencoder, loader, accelerator, step: int, diffusability: bool = False) -> Dict[str, float]:
     """Mean PSNR/SSIM of reconstructions (posterior mean) over the validation set, all processes;
-    logged as ``val/<metric>`` at ``step``."""
+    logged as ``val/<metric>`` at ``step``. ``diffusability`` (``logging.diffusability``) adds the
+    latent high-frequency fraction and the equivariance PSNRs (``evaluate.diffusability``)."""
     was_training = vae.training
     vae.eval()
+    statistics = model_statistics(vae, accelerator.device) if diffusability else None
     sums = torch.zeros(3, device=accelerator.device, dtype=torch.float64)
     for batch in loader:
         if batch["pixel_values"] is None:
@@ -378,12 +381,16 @@ def validate(vae: Autoencoder, loader, accelerator, step: int) -> Dict[str, floa
         images = batch["pixel_values"].to(accelerator.device)
         with accelerator.autocast():
             recon = reconstruct(vae, images)
+            if statistics is not None:
+                statistics.update(images)
         sums += torch.stack([psnr_per_image(recon, images).sum(), ssim_per_image(recon, images).sum(),
                              torch.tensor(float(len(images)), device=images.device)]).double()
     vae.train(was_training)
     all_reduce_sum_(sums)
     count = max(sums[2].item(), 1.0)
     metrics = {"psnr": sums[0].item() / count, "ssim": sums[1].item() / count}
+    if statistics is not None:
+        metrics.update(summary_metrics(statistics.result()))
     accelerator.log({f"val/{k}": v for k, v in metrics.items()}, step=step)
     logger.info("step %d validation: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     return metrics

@@ -90,6 +90,7 @@ def _backward(state: TrainState, images: torch.Tensor, seeds: List[int], step: i
         g_loss, logs = state.loss.generator_loss(images, out.reconstructions, out.regularizer.loss, out.logvar, step,
                                                  discriminator if gan_active else None, state.autoencoder.last_layer,
                                                  grad_scale)
+        g_loss = g_loss + _diffusability_terms(state, images, out, step, logs)
     scaler.scale(g_loss / accumulation).backward()
     losses = [g_loss.detach()]
     # Discriminator step on the same reconstructions, detached: no gradient to the autoencoder.
@@ -104,6 +105,17 @@ def _backward(state: TrainState, images: torch.Tensor, seeds: List[int], step: i
     metrics.add(logs)
     metrics.add(out.regularizer.logs)
     return losses
+
+
+def _diffusability_terms(state: TrainState, images: torch.Tensor, out, step: int, logs: Dict) -> torch.Tensor:
+    """The diffusability regularisers (``losses/diffusability.py``) added to L_G when enabled, else 0."""
+    terms = getattr(state.autoencoder.regularizer, "diffusability", None)
+    if terms is None:
+        return torch.zeros((), device=images.device)
+    loss, values = terms(state.autoencoder.vae, images, out.regularizer.latents, out.reconstructions, out.logvar,
+                         state.loss.reconstruction_terms, step)
+    logs.update(values, total=logs["total"] + loss.detach())
+    return loss
 
 
 def _no_sync(accelerator, models: List[nn.Module], sync: bool):
