@@ -93,9 +93,9 @@ def distill(config: Config, output_dir: str | Path, resume: Optional[str] = None
                 "training %s", cfg.distill.teacher, teacher.vae.config.latent_channels, teacher.convention(),
                 cfg.distill.student, describe(student), " and ".join(trained_parts(cfg.distill.parts)))
     state = assemble_state(cfg, model, accelerator, f"student of {cfg.distill.teacher}")
-    step, skipped_steps = 0, 0
+    step, skipped_steps, initial_val_metrics = 0, 0, {}
     if checkpoint_path is not None:
-        step, skipped_steps = restore_checkpoint(checkpoint_path, state, accelerator)
+        step, skipped_steps, initial_val_metrics = restore_checkpoint(checkpoint_path, state, accelerator)
         logger.info("resumed from %s at step %d", checkpoint_path, step)
     cfg_dict = config_to_dict(cfg)
     if is_main:
@@ -105,17 +105,17 @@ def distill(config: Config, output_dir: str | Path, resume: Optional[str] = None
     images_per_step = cfg.train.batch_size * accum * accelerator.num_processes
     loader = train_loader(train_dataset, cfg, accelerator, start_step=step)
     val_loader = validation_loader(val_source, cfg, accelerator) if val_source is not None else None
-    preview = preview_batch(val_loader, train_dataset, device)
+    preview = preview_batch(val_loader, train_dataset, accelerator)
     if cfg.logging.trackers:
         accelerator.init_trackers(cfg.logging.project, config=flat_hparams(cfg_dict))
 
     # ---------------------------------------------------------------- the loop (train's)
-    initial_val_metrics: Dict[str, float] = {}
     if val_loader is not None and step == 0:
         initial_val_metrics = validate_distill(state.autoencoder.vae, teacher, val_loader, accelerator, step)
     outcome = run_steps(
         state, cfg, cfg_dict, accelerator, loader, failure_log, output_dir / "checkpoints", step, skipped_steps,
         resumed=checkpoint_path is not None, images_per_step=images_per_step, desc="distill",
+        initial_val_metrics=initial_val_metrics,
         show_images=lambda at: log_distill_preview(preview, state.inference_model(), teacher, accelerator,
                                                    output_dir, at),
         validate_now=None if val_loader is None else lambda at: validate_distill(state.inference_model(), teacher,

@@ -109,7 +109,8 @@ def _backward(state: TrainState, images: torch.Tensor, seeds: List[int], step: i
 
 def _diffusability_terms(state: TrainState, images: torch.Tensor, out, step: int, logs: Dict) -> torch.Tensor:
     """The diffusability regularisers (``losses/diffusability.py``) added to L_G when enabled, else 0."""
-    terms = getattr(state.autoencoder.regularizer, "diffusability", None)
+    # A distilled student (``distill``) has no regulariser, and a plain run no diffusability terms.
+    terms = getattr(getattr(state.autoencoder, "regularizer", None), "diffusability", None)
     if terms is None:
         return torch.zeros((), device=images.device)
     loss, values = terms(state.autoencoder.vae, images, out.regularizer.latents, out.reconstructions, out.logvar,
