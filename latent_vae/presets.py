@@ -104,12 +104,17 @@ PRESETS: Dict[str, Preset] = {
 }
 
 
-def check_preset(name: str) -> Preset:
-    if name not in PRESETS:
-        close = difflib.get_close_matches(name, PRESETS.keys(), n=1)
+def _find(presets: Dict[str, Preset], name: str, key: str) -> Preset:
+    """``presets[name]``, or a ConfigError naming the config ``key``, the closest name and all names."""
+    if name not in presets:
+        close = difflib.get_close_matches(name, presets.keys(), n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise ConfigError(f"unknown model.preset '{name}'{hint} (available: {', '.join(PRESETS)})")
-    return PRESETS[name]
+        raise ConfigError(f"unknown {key} '{name}'{hint} (available: {', '.join(presets)})")
+    return presets[name]
+
+
+def check_preset(name: str) -> Preset:
+    return _find(PRESETS, name, "model.preset")
 
 
 def preset_kind(name: str) -> str:
@@ -146,8 +151,4 @@ STUDENT_PRESETS: Dict[str, Preset] = {
 
 
 def check_student_preset(name: str) -> Preset:
-    if name not in STUDENT_PRESETS:
-        close = difflib.get_close_matches(name, STUDENT_PRESETS.keys(), n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise ConfigError(f"unknown distill.student '{name}'{hint} (available: {', '.join(STUDENT_PRESETS)})")
-    return STUDENT_PRESETS[name]
+    return _find(STUDENT_PRESETS, name, "distill.student")

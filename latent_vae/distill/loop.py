@@ -18,27 +18,17 @@ from pathlib import Path
 from typing import Dict, Optional
 
 import torch
-from accelerate.utils import DistributedDataParallelKwargs
 
-from ..config import Config, config_to_dict, save_config
-from ..data.datasets import TrainDataset
+from ..config import Config
 from ..data.images import image_grid
-from ..data.sources import split_train_val
-from ..distributed import make_accelerator
-from ..errors import ConfigError
 from ..interop.export import save_diffusers_model
-from ..train.loop import run_steps
-from ..train.monitor import FailureLog, flat_hparams, setup_logging
+from ..train.loop import open_accelerator, open_data, run_steps, open_run
+from ..train.monitor import setup_logging
 from ..train.run_io import (
     RunSummary,
-    check_writable,
     claim_run_dir,
     find_resume_checkpoint,
     log_grid,
-    preview_batch,
-    restore_checkpoint,
-    train_loader,
-    validation_loader,
     write_summary,
 )
 from ..train.state import TrainState, assemble_state
@@ -57,15 +47,8 @@ def distill(config: Config, output_dir: str | Path, resume: Optional[str] = None
     cfg, output_dir = config, Path(output_dir).resolve()
 
     # ---------------------------------------------------------------- accelerator, run directory, teacher
-    check_writable(output_dir)
-    accelerator = make_accelerator(
-        mixed_precision=cfg.train.mixed_precision, log_with=cfg.logging.trackers or None,
-        project_dir=str(output_dir / "logs"),
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)])
-    is_main, device = accelerator.is_main_process, accelerator.device
-    if cfg.train.mixed_precision == "fp16" and device.type != "cuda":
-        raise ConfigError(f"train.mixed_precision=fp16 needs a CUDA GPU (this run is on {device.type}); "
-                          "use train.mixed_precision=bf16 or no")
+    accelerator = open_accelerator(cfg, output_dir)
+    is_main = accelerator.is_main_process
     teacher = load_teacher(cfg.distill.teacher, cfg.distill.teacher_subfolder, cfg.distill.teacher_latents)
     torch.manual_seed(cfg.train.seed)  # the same initial student on every process
     student = build_student(cfg.distill, teacher)  # a student that cannot serve the teacher is refused up front
@@ -79,42 +62,25 @@ def distill(config: Config, output_dir: str | Path, resume: Optional[str] = None
         logger.info("distill.parts=encoder: reconstruction, LPIPS and GAN terms are off (only the latent MSE trains)")
 
     # ---------------------------------------------------------------- data
-    train_source, val_source, failures = split_train_val(cfg.data)
-    failure_log = FailureLog(output_dir / "skipped_inputs.txt", is_main)
-    failure_log.add(failures)
-    train_dataset = TrainDataset(train_source, cfg.data)
-    logger.info("data: %d training images from %s, %d validation images", len(train_source),
-                train_source.name, 0 if val_source is None else len(val_source))
+    train_dataset, val_source, failure_log = open_data(cfg, output_dir, is_main)
 
     # ---------------------------------------------------------------- state, resume
-    teacher.to(device)
+    teacher.to(accelerator.device)
     model = DistillStudent(student, teacher, cfg.distill, cfg.reconstruction)
     logger.info("teacher: %s (%s latent channels; the student learns the scaled latents %s); student %s: %s; "
                 "training %s", cfg.distill.teacher, teacher.vae.config.latent_channels, teacher.convention(),
                 cfg.distill.student, describe(student), " and ".join(trained_parts(cfg.distill.parts)))
     state = assemble_state(cfg, model, accelerator, f"student of {cfg.distill.teacher}")
-    step, skipped_steps, initial_val_metrics = 0, 0, {}
-    if checkpoint_path is not None:
-        step, skipped_steps, initial_val_metrics = restore_checkpoint(checkpoint_path, state, accelerator)
-        logger.info("resumed from %s at step %d", checkpoint_path, step)
-    cfg_dict = config_to_dict(cfg)
-    if is_main:
-        save_config(cfg, output_dir / "config.yaml")
-
-    accum = cfg.train.grad_accum_steps
-    images_per_step = cfg.train.batch_size * accum * accelerator.num_processes
-    loader = train_loader(train_dataset, cfg, accelerator, start_step=step)
-    val_loader = validation_loader(val_source, cfg, accelerator) if val_source is not None else None
-    preview = preview_batch(val_loader, train_dataset, accelerator)
-    if cfg.logging.trackers:
-        accelerator.init_trackers(cfg.logging.project, config=flat_hparams(cfg_dict))
+    run = open_run(cfg, state, accelerator, output_dir, checkpoint_path, train_dataset, val_source)
+    step, cfg_dict, val_loader, preview = run.step, run.cfg_dict, run.val_loader, run.preview
+    images_per_step, initial_val_metrics = run.images_per_step, run.initial_val_metrics
 
     # ---------------------------------------------------------------- the loop (train's)
     if val_loader is not None and step == 0:
         initial_val_metrics = validate_distill(state.autoencoder.vae, teacher, val_loader, accelerator, step)
     outcome = run_steps(
-        state, cfg, cfg_dict, accelerator, loader, failure_log, output_dir / "checkpoints", step, skipped_steps,
-        resumed=checkpoint_path is not None, images_per_step=images_per_step, desc="distill",
+        state, cfg, cfg_dict, accelerator, run.loader, failure_log, output_dir / "checkpoints", step,
+        run.skipped_steps, resumed=checkpoint_path is not None, images_per_step=images_per_step, desc="distill",
         initial_val_metrics=initial_val_metrics,
         show_images=lambda at: log_distill_preview(preview, state.inference_model(), teacher, accelerator,
                                                    output_dir, at),

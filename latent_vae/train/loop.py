@@ -14,7 +14,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from accelerate.utils import DistributedDataParallelKwargs
@@ -69,22 +69,8 @@ def _train(cfg: Config, start: RunStart, resume: Optional[str], overwrite: bool,
     output_dir = start.output_dir
 
     # ---------------------------------------------------------------- accelerator and run directory
-    check_trackers(cfg.logging.trackers)
-    if cfg.export.push_to_hub:
-        hub_api()  # a missing Hub login stops the run now, not after training
-    accelerator = make_accelerator(
-        mixed_precision=cfg.train.mixed_precision, log_with=cfg.logging.trackers or None,
-        project_dir=str(output_dir / "logs"),
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)])
-    is_main, device = accelerator.is_main_process, accelerator.device
-    configure_cpu_threads(device, cfg.data.num_workers)
-    if cfg.train.mixed_precision == "fp16" and device.type != "cuda":
-        raise ConfigError(f"train.mixed_precision=fp16 needs a CUDA GPU (this run is on {device.type}, where it would "
-                          "silently train in fp32); use train.mixed_precision=bf16 or no")
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed-size crops: pick the fastest convolution once
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.train.allow_tf32
-    check_writable(output_dir)
+    accelerator = open_accelerator(cfg, output_dir)
+    is_main = accelerator.is_main_process
     run_lock = claim_run_dir(output_dir, resume, overwrite, accelerator)  # held until the process ends
     start.claimed(is_main)
     setup_logging(output_dir, is_main)
@@ -92,32 +78,16 @@ def _train(cfg: Config, start: RunStart, resume: Optional[str], overwrite: bool,
     checkpoint_path = find_resume_checkpoint(output_dir, resume, cfg, accelerator.num_processes, accept_changed_batch)
 
     # ---------------------------------------------------------------- data
-    train_dataset, val_source, failures = training_data(cfg.data)
-    failure_log = FailureLog(output_dir / "skipped_inputs.txt", is_main)
-    failure_log.add(failures)
-    logger.info("data: %s, %d validation images", train_dataset.describe(),
-                0 if val_source is None else len(val_source))
+    train_dataset, val_source, failure_log = open_data(cfg, output_dir, is_main)
 
     # ---------------------------------------------------------------- models, losses, optimisers; resume
     vae = build_trainable_vae(cfg.model)
     # Fine-tuning an existing VAE: keep its starting weights to report how far the latents moved.
     initial_vae = copy.deepcopy(vae).eval().requires_grad_(False) if cfg.model.pretrained else None
     state = build_state(cfg, vae, accelerator)
-    step, skipped_steps, initial_val_metrics = 0, 0, {}
-    if checkpoint_path is not None:  # the metrics of the model before training are the run's, kept across resumes
-        step, skipped_steps, initial_val_metrics = restore_checkpoint(checkpoint_path, state, accelerator)
-        logger.info("resumed from %s at step %d", checkpoint_path, step)
-    cfg_dict = config_to_dict(cfg)  # after set-up: a disabled perceptual loss is saved as weight 0
-    if is_main:
-        save_config(cfg, output_dir / "config.yaml")
-
-    accum = cfg.train.grad_accum_steps
-    images_per_step = cfg.train.batch_size * accum * accelerator.num_processes
-    loader = train_loader(train_dataset, cfg, accelerator, start_step=step, checkpoint_path=checkpoint_path)
-    val_loader = validation_loader(val_source, cfg, accelerator) if val_source is not None else None
-    preview = preview_batch(val_loader, train_dataset, accelerator)
-    if cfg.logging.trackers:
-        accelerator.init_trackers(cfg.logging.project, config=flat_hparams(cfg_dict))
+    run = open_run(cfg, state, accelerator, output_dir, checkpoint_path, train_dataset, val_source)
+    step, cfg_dict, val_loader, preview = run.step, run.cfg_dict, run.val_loader, run.preview
+    images_per_step, initial_val_metrics = run.images_per_step, run.initial_val_metrics
 
     # ---------------------------------------------------------------- training loop
     if val_loader is not None and step == 0:
@@ -125,8 +95,9 @@ def _train(cfg: Config, start: RunStart, resume: Optional[str], overwrite: bool,
                                        cfg.logging.diffusability)
     start.training()  # from here on the folder holds a run, whatever happens
     outcome = run_steps(
-        state, cfg, cfg_dict, accelerator, loader, failure_log, output_dir / "checkpoints", step, skipped_steps,
-        resumed=checkpoint_path is not None, images_per_step=images_per_step, initial_val_metrics=initial_val_metrics,
+        state, cfg, cfg_dict, accelerator, run.loader, failure_log, output_dir / "checkpoints", step,
+        run.skipped_steps, resumed=checkpoint_path is not None, images_per_step=images_per_step,
+        initial_val_metrics=initial_val_metrics,
         show_images=lambda at: log_preview(preview, state.inference_model(), accelerator, output_dir, at),
         validate_now=None if val_loader is None else lambda at: validate(state.inference_model(), val_loader,
                                                                          accelerator, at, cfg.logging.diffusability))
@@ -147,6 +118,72 @@ def _train(cfg: Config, start: RunStart, resume: Optional[str], overwrite: bool,
     if run_lock is not None:
         run_lock.close()  # the run folder is free for the next writer
     return summary
+
+
+def open_accelerator(cfg: Config, output_dir: Path):
+    """The Accelerator of a run into ``output_dir`` (checked writable, trackers and a Hub login checked
+    before anything runs), its precision checked, CPU threads set and, on CUDA, the convolution and
+    TF32 settings made."""
+    check_trackers(cfg.logging.trackers)
+    if cfg.export.push_to_hub:
+        hub_api()  # a missing Hub login stops the run now, not after training
+    check_writable(output_dir)
+    accelerator = make_accelerator(
+        mixed_precision=cfg.train.mixed_precision, log_with=cfg.logging.trackers or None,
+        project_dir=str(output_dir / "logs"),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)])
+    device = accelerator.device
+    configure_cpu_threads(device, cfg.data.num_workers)
+    if cfg.train.mixed_precision == "fp16" and device.type != "cuda":
+        raise ConfigError(f"train.mixed_precision=fp16 needs a CUDA GPU (this run is on {device.type}, where it would "
+                          "silently train in fp32); use train.mixed_precision=bf16 or no")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed-size crops: pick the fastest convolution once
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.train.allow_tf32
+    return accelerator
+
+
+def open_data(cfg: Config, output_dir: Path, is_main: bool) -> Tuple[Any, Optional[Any], FailureLog]:
+    """The training dataset (map-style or a stream of shards), the validation source (or None) and the
+    log of unreadable inputs."""
+    train_dataset, val_source, failures = training_data(cfg.data)
+    failure_log = FailureLog(output_dir / "skipped_inputs.txt", is_main)
+    failure_log.add(failures)
+    logger.info("data: %s, %d validation images", train_dataset.describe(),
+                0 if val_source is None else len(val_source))
+    return train_dataset, val_source, failure_log
+
+
+@dataclass
+class OpenedRun:
+    step: int
+    skipped_steps: int
+    initial_val_metrics: Dict[str, float]
+    cfg_dict: Dict
+    images_per_step: int
+    loader: Any
+    val_loader: Any
+    preview: torch.Tensor
+
+
+def open_run(cfg: Config, state: TrainState, accelerator, output_dir: Path, checkpoint_path: Optional[Path],
+             train_dataset, val_source) -> OpenedRun:
+    """Restore ``checkpoint_path`` (if any) into ``state``, save the resolved config, and open the loaders from
+    the step reached (a stream from its saved position), the preview images and the trackers."""
+    step, skipped_steps, initial_val_metrics = 0, 0, {}
+    if checkpoint_path is not None:  # the metrics of the model before training are the run's, kept across resumes
+        step, skipped_steps, initial_val_metrics = restore_checkpoint(checkpoint_path, state, accelerator)
+        logger.info("resumed from %s at step %d", checkpoint_path, step)
+    cfg_dict = config_to_dict(cfg)  # after set-up: a disabled perceptual loss is saved as weight 0
+    if accelerator.is_main_process:
+        save_config(cfg, output_dir / "config.yaml")
+    images_per_step = cfg.train.batch_size * cfg.train.grad_accum_steps * accelerator.num_processes
+    loader = train_loader(train_dataset, cfg, accelerator, start_step=step, checkpoint_path=checkpoint_path)
+    val_loader = validation_loader(val_source, cfg, accelerator) if val_source is not None else None
+    preview = preview_batch(val_loader, train_dataset, accelerator)
+    if cfg.logging.trackers:
+        accelerator.init_trackers(cfg.logging.project, config=flat_hparams(cfg_dict))
+    return OpenedRun(step, skipped_steps, initial_val_metrics, cfg_dict, images_per_step, loader, val_loader, preview)
 
 
 @dataclass
