@@ -125,6 +125,8 @@ def _load_inputs(model: Union[str, Path, Autoencoder], data: Union[str, Path, Im
     if opts.sharded:  # read shard by shard, never listed or scanned up front
         if opts.streaming and data is None:
             raise ConfigError("--streaming reads the 🤗 dataset named by --data; give --data")
+        if opts.shards and (data is not None or opts.streaming):
+            raise ConfigError("--shards names the input itself: drop --data and --streaming, or drop --shards")
         stream = open_stream(opts.shards, None if opts.shards else str(data), opts.image_column, opts.split,
                              opts.key_column, opts.image_key)
         return vae, stream, []
