@@ -211,7 +211,7 @@ def probe_one(label: str, model: Autoencoder, images: torch.Tensor, train_index:
         accelerator.backward(loss)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        recent.append(loss.item())
+        recent.append(accelerator.gather(loss.detach()[None]).mean().item())  # the global batch's loss
         if (step + 1) % options.eval_every == 0 or step + 1 == options.steps:
             held = held_out_loss(accelerator.unwrap_model(denoiser), held_latents, options, device)
             curve.append({"step": step + 1, "train_loss": float(np.mean(recent)),

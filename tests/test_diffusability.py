@@ -409,3 +409,33 @@ def test_probe_denoiser_learns():
         optimizer.step()
         optimizer.zero_grad()
     assert held_out_loss(denoiser, latents, options, torch.device("cpu"))[300] < 0.7 * before
+
+
+@pytest.mark.multiprocess
+def test_probe_under_two_processes_equals_one_process(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import write_photo_crops
+
+    write_photo_crops(tmp_path / "photos", count=8, size=32)
+    _tiny("tiny-kl").save_pretrained(tmp_path / "a")
+    args = ["--model", str(tmp_path / "a"), "--data", str(tmp_path / "photos"), "--resolution", "32", "--held-out",
+            "2", "--steps", "10", "--batch-size", "4", "--channels", "8", "16", "--timesteps", "100", "600",
+            "--noise-draws", "2", "--eval-every", "5", "--samples", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    results = []
+    for nproc in (1, 2):
+        launcher = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"] if nproc > 1 else []
+        command = [sys.executable, *launcher, "-m", "latent_vae", "probe", *args,
+                   "--output-dir", str(tmp_path / f"out{nproc}")]
+        finished = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, check=False)
+        assert finished.returncode == 0, finished.stderr[-3000:]
+        results.append(json.loads((tmp_path / f"out{nproc}" / "probe.json").read_text())["tokenizers"][0])
+    single, double = results
+    assert double["held_out_loss"] == pytest.approx(single["held_out_loss"], rel=1e-4)
+    for a, b in zip(single["curve"], double["curve"]):
+        assert b["held_out_loss"] == pytest.approx(a["held_out_loss"], rel=1e-4)
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
