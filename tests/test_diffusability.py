@@ -439,3 +439,21 @@ def test_probe_under_two_processes_equals_one_process(tmp_path):
     for a, b in zip(single["curve"], double["curve"]):
         assert b["held_out_loss"] == pytest.approx(a["held_out_loss"], rel=1e-4)
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
+
+
+def test_probe_fid_of_decoded_samples_against_held_out_images(tmp_path):
+    from conftest import write_photo_crops
+    from latent_vae.data.sources import open_source
+    from latent_vae.probe import ProbeOptions, run_probe, sample_fid
+    from test_evaluation import SmallExtractor
+
+    extractor = SmallExtractor()
+    images = _smooth_images(6, 32)
+    assert sample_fid(images, images, extractor) == pytest.approx(0.0, abs=1e-3)
+    assert sample_fid(images, -images, extractor) > 1e-3
+    write_photo_crops(tmp_path / "photos", count=8, size=32)
+    source, _ = open_source(str(tmp_path / "photos"))
+    options = ProbeOptions(resolution=32, steps=4, batch_size=4, held_out=3, timesteps=(100,), noise_draws=1,
+                           channels=(8, 16), eval_every=4, samples=3, sample_steps=2, fid=True)
+    payload = run_probe([("a", _tiny())], source, options, tmp_path / "out", fid_extractor=extractor)
+    assert math.isfinite(payload["tokenizers"][0]["fid"]) and payload["tokenizers"][0]["fid"] >= 0
