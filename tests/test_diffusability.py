@@ -443,9 +443,10 @@ def test_probe_under_two_processes_equals_one_process(tmp_path):
 
 def test_probe_fid_of_decoded_samples_against_held_out_images(tmp_path):
     from conftest import write_photo_crops
+    from test_evaluation import SmallExtractor
+
     from latent_vae.data.sources import open_source
     from latent_vae.probe import ProbeOptions, run_probe, sample_fid
-    from test_evaluation import SmallExtractor
 
     extractor = SmallExtractor()
     images = _smooth_images(6, 32)
