@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Dict, List
 
 import torch
-
 from common import machine_description, markdown_table, quiet_library_logs
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"}

@@ -211,7 +211,7 @@ def probe_one(label: str, model: Autoencoder, images: torch.Tensor, train_index:
         accelerator.backward(loss)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        recent.append(loss.item())
+        recent.append(accelerator.gather(loss.detach()[None]).mean().item())  # the global batch's loss
         if (step + 1) % options.eval_every == 0 or step + 1 == options.steps:
             held = held_out_loss(accelerator.unwrap_model(denoiser), held_latents, options, device)
             curve.append({"step": step + 1, "train_loss": float(np.mean(recent)),
@@ -247,9 +247,10 @@ def sample_fid(samples: torch.Tensor, references: torch.Tensor, extractor) -> Op
 
 
 def run_probe(models: Sequence[Tuple[str, Autoencoder]], source: ImageSource, options: ProbeOptions,
-              output_dir: Path, known_failures: Sequence[Failure] = ()) -> Dict[str, Any]:
+              output_dir: Path, known_failures: Sequence[Failure] = (), fid_extractor=None) -> Dict[str, Any]:
     """Probe every tokenizer; write ``probe.json``, ``loss_curves.png`` and ``samples.png`` to
-    ``output_dir`` (main process); return the JSON payload."""
+    ``output_dir`` (main process); return the JSON payload. ``fid_extractor`` replaces InceptionV3
+    for ``options.fid`` (uint8 images -> features, as in ``evaluate.networks.MetricNetworks``)."""
     accelerator = make_accelerator()
     for label, model in models:
         factor = downsample_factor(model)
@@ -262,8 +263,8 @@ def run_probe(models: Sequence[Tuple[str, Autoencoder]], source: ImageSource, op
     images, failures = load_images(source, EvalOptions(resolution=options.resolution, num_workers=0, progress=False))
     failures = [*known_failures, *failures]
     train_index, held_index = split_images(len(images), options.held_out, options.seed)
-    extractor = None
-    if options.fid:
+    extractor = fid_extractor if options.fid else None
+    if options.fid and extractor is None:
         from .evaluate.networks import load_inception
 
         extractor = load_inception(options.fid_weights)

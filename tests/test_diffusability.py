@@ -409,3 +409,52 @@ def test_probe_denoiser_learns():
         optimizer.step()
         optimizer.zero_grad()
     assert held_out_loss(denoiser, latents, options, torch.device("cpu"))[300] < 0.7 * before
+
+
+@pytest.mark.multiprocess
+def test_probe_under_two_processes_equals_one_process(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import write_photo_crops
+
+    write_photo_crops(tmp_path / "photos", count=8, size=32)
+    _tiny("tiny-kl").save_pretrained(tmp_path / "a")
+    args = ["--model", str(tmp_path / "a"), "--data", str(tmp_path / "photos"), "--resolution", "32", "--held-out",
+            "2", "--steps", "10", "--batch-size", "4", "--channels", "8", "16", "--timesteps", "100", "600",
+            "--noise-draws", "2", "--eval-every", "5", "--samples", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    results = []
+    for nproc in (1, 2):
+        launcher = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"] if nproc > 1 else []
+        command = [sys.executable, *launcher, "-m", "latent_vae", "probe", *args,
+                   "--output-dir", str(tmp_path / f"out{nproc}")]
+        finished = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, check=False)
+        assert finished.returncode == 0, finished.stderr[-3000:]
+        results.append(json.loads((tmp_path / f"out{nproc}" / "probe.json").read_text())["tokenizers"][0])
+    single, double = results
+    assert double["held_out_loss"] == pytest.approx(single["held_out_loss"], rel=1e-4)
+    for a, b in zip(single["curve"], double["curve"]):
+        assert b["held_out_loss"] == pytest.approx(a["held_out_loss"], rel=1e-4)
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
+
+
+def test_probe_fid_of_decoded_samples_against_held_out_images(tmp_path):
+    from conftest import write_photo_crops
+    from test_evaluation import SmallExtractor
+
+    from latent_vae.data.sources import open_source
+    from latent_vae.probe import ProbeOptions, run_probe, sample_fid
+
+    extractor = SmallExtractor()
+    images = _smooth_images(6, 32)
+    assert sample_fid(images, images, extractor) == pytest.approx(0.0, abs=1e-3)
+    assert sample_fid(images, -images, extractor) > 1e-3
+    write_photo_crops(tmp_path / "photos", count=8, size=32)
+    source, _ = open_source(str(tmp_path / "photos"))
+    options = ProbeOptions(resolution=32, steps=4, batch_size=4, held_out=3, timesteps=(100,), noise_draws=1,
+                           channels=(8, 16), eval_every=4, samples=3, sample_steps=2, fid=True)
+    payload = run_probe([("a", _tiny())], source, options, tmp_path / "out", fid_extractor=extractor)
+    assert math.isfinite(payload["tokenizers"][0]["fid"]) and payload["tokenizers"][0]["fid"] >= 0

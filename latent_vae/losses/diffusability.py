@@ -10,6 +10,7 @@ with the latents the decoder received.
 
 from __future__ import annotations
 
+import logging
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
@@ -21,6 +22,8 @@ from ..models.stock import Autoencoder, is_vq, latent_channels
 from .base import reduce_elements
 from .equivariance import EQVAERegularizer, reduced_reconstruction, scale_equivariance_loss
 from .vf import VFAlignment, VisionBackbone, load_vision_backbone
+
+logger = logging.getLogger("latent_vae")
 
 
 def adaptive_weight(loss: torch.Tensor, term: torch.Tensor, layer: torch.Tensor, max_weight: float) -> torch.Tensor:
@@ -86,4 +89,8 @@ def build_diffusability(vae: Autoencoder, cfg: Config,
     regularizer = cfg.regularizer
     if max(regularizer.scale_equivariance.weight, regularizer.eq_vae.weight, regularizer.vf.weight) <= 0:
         return None
+    if cfg.model.trainable == "decoder":
+        logger.warning("scale equivariance / EQ-VAE with model.trainable=decoder: only the decoder learns to decode "
+                       "transformed latents; the latent space (its spectrum, what a diffusion model sees) cannot "
+                       "change. Train the encoder too (model.trainable=all) to make the latents more diffusable.")
     return DiffusabilityRegularizer(cfg, vae, backbone)
