@@ -135,3 +135,25 @@ def test_a_learning_rate_beyond_float32_is_refused_before_the_first_step(tmp_pat
     with pytest.raises(ConfigError, match="beyond float32's range; lower train.learning_rate"):
         loop.train(fast_config("train.learning_rate=1e38"), tmp_path)
     assert records == []
+
+
+def test_the_snapshot_restores_bit_patterns_whatever_the_step_wrote():
+    """inf, NaN and -0.0 written by a step come back bit for bit in every dtype; a good verdict keeps
+    the new values; a tensor created during the step (Adam's lazy state) is zeroed by a bad one."""
+    from latent_vae.train.rollback import StepSnapshot
+
+    tensors = [torch.randn(5), torch.randn(3).bfloat16(), torch.arange(4), torch.randn(2, dtype=torch.float64)]
+    originals = [t.clone() for t in tensors]
+    snapshot = StepSnapshot()
+    for bad, expected in ((1.0, originals), (0.0, None)):
+        snapshot.save(tensors)
+        for t in tensors:
+            t.copy_(torch.tensor([float("inf"), float("nan"), -0.0, 7.0, 1.0][:len(t)]).to(t.dtype))
+        written = [t.clone() for t in tensors]
+        created = torch.ones(3)
+        assert snapshot.all_finite([*tensors, created], torch.device("cpu")) == 0
+        snapshot.restore([*tensors, created], torch.tensor(bad))
+        for t, e in zip(tensors, expected or written):
+            assert torch.equal(t.view(-1).view(torch.uint8), e.view(-1).view(torch.uint8))
+        assert torch.equal(created, torch.zeros(3) if bad else torch.ones(3))
+    assert snapshot.all_finite(originals, torch.device("cpu")) == 1
