@@ -28,11 +28,16 @@ def test_a_fresh_run_into_a_folder_holding_a_run_is_refused_naming_both_ways_out
 
 def test_a_second_writer_is_refused_while_the_first_holds_the_folder(tmp_path):
     tmp_path.mkdir(exist_ok=True)
+    # the live trainer's checkpoint and export being written: a refused start must not clean them up
+    in_flight = [tmp_path / "checkpoints" / ".tmp-checkpoint-00000007", tmp_path / ".model.tmp-123"]
+    for folder in in_flight:
+        folder.mkdir(parents=True)
     with open(tmp_path / ".lock", "a") as holder:
         fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another trainer, alive
         with pytest.raises(TrainingError, match="another training process is writing to"):
             train(fast_config("train.max_steps=1"), tmp_path)
         reset_accelerate()
+        assert all(folder.is_dir() for folder in in_flight)
     # the holder is gone (as after a SIGKILL: the kernel drops the lock): the folder is free again
     assert train(fast_config("train.max_steps=1"), tmp_path).steps == 1
 

@@ -13,7 +13,6 @@ passed over for the newest one that verifies, with a warning naming the file.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
@@ -26,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError
-from ..runtime import atomic_write, fsync_path, replace_dir
+from ..runtime import atomic_write, file_digest, fsync_path, replace_dir
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -96,14 +95,6 @@ def prepare_staging(root: Path, step: int) -> Path:
     stage = staging_dir(root, step)
     stage.mkdir()
     return stage
-
-
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _manifest(path: Path) -> Optional[Dict[str, Any]]:

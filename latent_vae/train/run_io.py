@@ -31,6 +31,7 @@ from ..evaluate.metrics import psnr_per_image, ssim_per_image
 from ..interop.export import compute_scaling_factor, save_diffusers_model, set_tile_size, write_model_card
 from ..interop.hub import push_model_folder
 from ..models.stock import Autoencoder, reconstruct
+from ..runtime import try_lock
 from . import checkpoint as ckpt
 from .state import TrainState, effective_learning_rate
 
@@ -71,20 +72,16 @@ def claim_run_dir(output_dir: Path, resume: Optional[str], overwrite: bool, acce
     """One run, one writer: an exclusive lock on ``<run>/.lock`` for the whole run (the kernel drops it
     when its holder dies, even by SIGKILL), and a fresh run never mixes with an earlier one. Every
     process learns the outcome, so none waits in a collective for a rank that gave up."""
-    import fcntl
-
     problem, lock = "", None
     if accelerator.is_main_process:
-        lock = open(output_dir / ".lock", "a")
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        lock = try_lock(output_dir / ".lock")
+        if lock is None:
             problem = (f"another training process is writing to {output_dir} (it holds {output_dir / '.lock'}); "
                        "wait for it to finish or choose another --output-dir")
-        # temporaries of an interrupted checkpoint or export: never complete, safe to drop under the lock
-        ckpt.discard_staging(output_dir / "checkpoints")
-        for leftover in [*output_dir.glob(".model.tmp-*"), *output_dir.glob(".model.old-*")]:
-            shutil.rmtree(leftover, ignore_errors=True)
+        else:  # temporaries of an interrupted checkpoint or export: never complete, safe to drop under the lock
+            ckpt.discard_staging(output_dir / "checkpoints")
+            for leftover in [*output_dir.glob(".model.tmp-*"), *output_dir.glob(".model.old-*")]:
+                shutil.rmtree(leftover, ignore_errors=True)
         existing = [name for name in RUN_OUTPUTS if (output_dir / name).is_file()
                     or ((output_dir / name).is_dir() and any((output_dir / name).iterdir()))]
         if not problem and existing and not resume:
