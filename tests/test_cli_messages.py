@@ -58,3 +58,22 @@ def test_a_mistyped_flag_subcommand_or_choice_names_the_nearest(argv, hint, caps
         main(argv)
     assert exit_info.value.code == 2
     assert hint in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command, flag", [("eval", "--json"), ("eval", "--csv"), ("eval", "--grid"),
+                                           ("compare", "--json")])
+def test_an_unwritable_output_is_refused_before_the_evaluation_runs(command, flag, tmp_path, photo_folder, capsys,
+                                                                    monkeypatch):
+    import latent_vae.models.loading as loading
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the outputs were checked")
+
+    monkeypatch.setattr(loading, "load_autoencoder", no_model)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    argv = [*commands("unused", str(photo_folder), str(tmp_path))[command], flag, str(blocker / "out.json")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert f"cannot write {blocker / 'out.json'}" in err[-1] and "writable path" in err[-1]
+    assert not any(line.startswith("Traceback") for line in err)

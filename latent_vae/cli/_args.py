@@ -7,9 +7,27 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 from ..errors import ConfigError, check_positive
+
+
+def check_output_files(*paths: Optional[Path]) -> None:
+    """Each output file can be written, checked before a long job runs rather than after it: the
+    path is not a folder, and its folder exists (or can be made) and takes a new file."""
+    import tempfile
+
+    for path in paths:
+        if path is None:
+            continue
+        if path.is_dir():
+            raise ConfigError(f"{path} is a folder: give a file path to write to")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.probe-"):
+                pass
+        except OSError as err:
+            raise ConfigError(f"cannot write {path} ({err.strerror or err}): choose a writable path") from None
 
 
 def positive_int(text: str) -> int:

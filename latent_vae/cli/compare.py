@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ._args import check_output_files
 from .eval import add_evaluation_arguments, evaluation_options
 
 HELP = "compare two autoencoders on the same images: is B a drop-in replacement for A?"
@@ -49,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
     from ..evaluate.compare import compare, format_comparison
     from ..models.loading import load_autoencoder
 
+    check_output_files(args.json)  # before the comparison, not after it
     options = evaluation_options(args)
     model_a = load_autoencoder(args.model_a, subfolder=args.subfolder_a)
     model_b = load_autoencoder(args.model_b, subfolder=args.subfolder_b)
@@ -56,7 +58,6 @@ def run(args: argparse.Namespace) -> int:
     comparison = compare(model_a, model_b, source, options, failures=failures)
     if process_state().is_main_process:
         if args.json is not None:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(comparison.summary(), indent=2) + "\n")
             print(f"comparison: {args.json}")
         print(format_comparison(comparison))

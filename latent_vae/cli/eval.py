@@ -8,6 +8,7 @@ from typing import Dict, List
 
 from ..evaluate.options import FID_FEATURE_SIZES, LPIPS_BACKBONES, PRECISIONS
 from . import add_tiling_arguments
+from ._args import check_output_files
 
 HELP = "reconstruction metrics on images: PSNR, SSIM, LPIPS, rFID, codebook usage, active latent units"
 DESCRIPTION = """\
@@ -128,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
     from ..evaluate.report import format_summary, write_outputs
     from ..models.loading import load_autoencoder
 
+    check_output_files(args.json, args.csv, args.grid)  # before the evaluation, not after it
     options = evaluation_options(args)
     model = load_autoencoder(args.model, subfolder=args.subfolder)
     source, failures = open_source(args.data, args.image_column, args.split)
