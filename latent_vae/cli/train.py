@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 HELP = "train a KL or VQ autoencoder (default: the tiny CPU quickstart on sample photos)"
@@ -67,4 +68,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"done: {summary.steps} steps; model in {summary.model_dir}")
         if summary.val_metrics:
             print("validation: " + ", ".join(f"{k} {v:.4f}" for k, v in summary.val_metrics.items()))
+        print_where_things_are(output_dir, summary.steps, "tensorboard" in config.logging.trackers)
     return 0
+
+
+def print_where_things_are(output_dir: Path, steps: int, tensorboard: bool) -> None:
+    """What a new user looks at next: the last reconstruction grid, the TensorBoard logs, and how to load the model."""
+    model_dir = output_dir / "model"
+    class_name = json.loads((model_dir / "config.json").read_text())["_class_name"]
+    print(f"reconstructions (inputs above, outputs below): {output_dir / 'samples' / f'reconstructions-{steps:08d}.png'}")
+    if tensorboard:
+        print(f"TensorBoard logs: {output_dir / 'logs'}  (view: tensorboard --logdir {output_dir / 'logs'})")
+    print(f'load the model: from diffusers import {class_name}; vae = {class_name}.from_pretrained("{model_dir}")')
