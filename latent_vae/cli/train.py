@@ -10,8 +10,8 @@ HELP = "train a KL or VQ autoencoder (default: the tiny CPU quickstart on sample
 DESCRIPTION = """\
 Train an autoencoder from a YAML recipe plus dotted key=value overrides.
 
-With no arguments, trains the tiny-kl quickstart on photographs bundled with
-scikit-image (CPU, a few minutes) into runs/quickstart.
+With no arguments, trains the tiny-kl-f4 quickstart on photographs bundled with
+scikit-image (CPU, about 3 minutes) into runs/quickstart.
 
 examples:
   latent-vae train
@@ -31,7 +31,7 @@ exit 0; continue with --resume latest.
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="recipe YAML, or a recipe name from configs/ (e.g. kl-f8); "
-                        "default: the tiny-kl quickstart (or the run's config.yaml when resuming)")
+                        "default: the tiny-kl-f4 quickstart (or the run's config.yaml when resuming)")
     parser.add_argument("--output-dir", type=Path,
                         help="run directory (default: runs/<recipe name>, runs/quickstart without --config)")
     parser.add_argument("--resume", metavar="latest|auto|PATH",
