@@ -123,7 +123,7 @@ def test_resume_ends_with_identical_weights(tmp_path):
 def test_resume_refuses_an_incompatible_checkpoint(tmp_path):
     from latent_vae.errors import CheckpointError
 
-    train(fast_config("train.max_steps=1"), tmp_path)
+    train(fast_config("train.max_steps=1", "model.preset=tiny-kl"), tmp_path)
     with pytest.raises(CheckpointError, match="model.preset: checkpoint 'tiny-kl' vs now 'tiny-vq'"):
         train(fast_config("train.max_steps=2", "model.preset=tiny-vq", "regularizer.kind=vq"), tmp_path, resume="latest")
 
