@@ -1,6 +1,6 @@
 """Run configuration: typed dataclasses loaded from YAML, with dotted ``key=value`` overrides.
 
-The dataclass defaults are the no-argument quickstart (``tiny-kl`` on the embedded sample
+The dataclass defaults are the no-argument quickstart (``tiny-kl-f4`` on the embedded sample
 photos, CPU-sized). Recipes in ``configs/`` override them; every field is documented in
 README.md ("Configuration reference").
 """
@@ -24,7 +24,7 @@ from .presets import REGULARIZER_KINDS, check_preset, check_student_preset, pres
 
 @dataclass
 class ModelConfig:
-    preset: str = "tiny-kl"
+    preset: str = "tiny-kl-f4"
     pretrained: Optional[str] = None
     subfolder: Optional[str] = None
     config: Dict[str, Any] = field(default_factory=dict)
@@ -106,7 +106,7 @@ class ReconstructionConfig:
     ``sum`` over C·H·W then the batch mean (latent-diffusion), ``mean`` over all elements (taming).
     """
 
-    pixel_loss: str = "l1"
+    pixel_loss: str = "l2"
     pixel_weight: float = 1.0
     perceptual_weight: float = 1.0
     perceptual_net: str = "vgg"
@@ -130,7 +130,7 @@ class ReconstructionConfig:
 class GANConfig:
     """The PatchGAN discriminator and the adversarial terms (``losses/gan.py``)."""
 
-    start: int = 400
+    start: int = 100_000
     weight: float = 0.5
     loss: str = "hinge"
     layers: int = 3
@@ -289,13 +289,13 @@ class RegularizerConfig:
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 600
+    max_steps: int = 800
     batch_size: int = 8
     grad_accum_steps: int = 1
-    learning_rate: float = 1.0e-4
+    learning_rate: float = 2.5e-4
     lr_scaling: str = "linear"
     disc_lr_ratio: float = 1.0
-    adam_betas: List[float] = field(default_factory=lambda: [0.5, 0.9])
+    adam_betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     amsgrad: bool = False
     weight_decay: float = 0.0
     lr_warmup_steps: int = 0
@@ -305,7 +305,7 @@ class TrainConfig:
     seed: int = 0
     ema_decay: Optional[float] = 0.999
     export_ema: bool = True
-    checkpoint_every: int = 200
+    checkpoint_every: int = 400
     keep_checkpoints: int = 2
     val_every: int = 200
     max_bad_steps: int = 25

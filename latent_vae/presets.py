@@ -73,6 +73,13 @@ PRESETS: Dict[str, Preset] = {
              latent_channels=4, norm_num_groups=8, scaling_factor=1.0),
         "f8, 4 channels, ~0.3M parameters: tests and CPU demos",
     ),
+    "tiny-kl-f4": Preset(
+        AutoencoderKL,
+        dict(**_blocks(3), block_out_channels=(16, 32, 32), layers_per_block=1,
+             latent_channels=8, norm_num_groups=8, scaling_factor=1.0),
+        "f4, 8 channels, ~0.25M parameters: the CPU quickstart (measured in docs/BENCHMARKS.md: tiny-kl's f8 "
+        "latent stays near 15 dB on held-out photos within a CPU-minutes budget; f4 learns several times faster)",
+    ),
     "vq-f4": Preset(
         VQModel,
         dict(**_blocks(3), block_out_channels=(128, 256, 512), layers_per_block=2,

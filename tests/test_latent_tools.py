@@ -29,7 +29,7 @@ from latent_vae.train.loop import train
 
 RES = 32
 # An f4 variant of tiny-kl: at 32 px its 8×8×4 latent reconstructs photos well after 100 steps (~5 s idle CPU).
-TINY_F4 = ["model.config.block_out_channels=[16,32,32]",
+TINY_F4 = ["model.preset=tiny-kl", "model.config.block_out_channels=[16,32,32]",
            "model.config.down_block_types=[DownEncoderBlock2D,DownEncoderBlock2D,DownEncoderBlock2D]",
            "model.config.up_block_types=[UpDecoderBlock2D,UpDecoderBlock2D,UpDecoderBlock2D]"]
 

@@ -51,7 +51,8 @@ def test_kl_sample_uses_the_given_noise():
 
 
 def _loss(gan=None, **kwargs):
-    return AutoencoderLoss(ReconstructionConfig(**{"perceptual_weight": 0.0, **kwargs}), GANConfig(**(gan or {})))
+    rec = ReconstructionConfig(**{"perceptual_weight": 0.0, "pixel_loss": "l1", **kwargs})  # the values below are L1
+    return AutoencoderLoss(rec, GANConfig(**(gan or {})))
 
 
 def test_nll_with_log_variance_sums_over_pixels():

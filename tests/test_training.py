@@ -64,7 +64,7 @@ def test_exported_model_loads_in_plain_diffusers_with_bit_identical_outputs(quic
     stock = torch.load(tmp_path / "stock.pt")
 
     # In process: the EMA weights of the final checkpoint in our preset-built model.
-    vae = build_autoencoder(ModelConfig(preset="tiny-kl")).eval()
+    vae = build_autoencoder(ModelConfig()).eval()  # the quickstart's preset
     ema = load_tensors(list_checkpoints(out / "checkpoints")[-1] / "ema.safetensors")
     vae.load_state_dict({k[len("shadow."):]: v for k, v in ema.items() if k.startswith("shadow.")})
     with torch.no_grad():
@@ -123,7 +123,7 @@ def test_resume_ends_with_identical_weights(tmp_path):
 def test_resume_refuses_an_incompatible_checkpoint(tmp_path):
     from latent_vae.errors import CheckpointError
 
-    train(fast_config("train.max_steps=1"), tmp_path)
+    train(fast_config("train.max_steps=1", "model.preset=tiny-kl"), tmp_path)
     with pytest.raises(CheckpointError, match="model.preset: checkpoint 'tiny-kl' vs now 'tiny-vq'"):
         train(fast_config("train.max_steps=2", "model.preset=tiny-vq", "regularizer.kind=vq"), tmp_path, resume="latest")
 
@@ -202,7 +202,7 @@ def test_decoder_only_finetune_freezes_the_latent_space_and_improves_reconstruct
     out, _ = quickstart_run
     start = load_autoencoder(str(out / "model"))
     torch.manual_seed(1)
-    fresh = build_autoencoder(ModelConfig(preset="tiny-kl"))
+    fresh = build_autoencoder(ModelConfig())  # the quickstart's preset
     start.decoder.load_state_dict(fresh.decoder.state_dict())
     start.post_quant_conv.load_state_dict(fresh.post_quant_conv.state_dict())
     start.save_pretrained(tmp_path / "start")

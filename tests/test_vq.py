@@ -127,6 +127,8 @@ def test_dead_code_restart_revives_a_collapsed_codebook(tmp_path):
     for restart in (False, True):
         train(fast_config(f"model.pretrained={tmp_path / 'bad-init'}", "regularizer.kind=vq", "data.resolution=64", "data.resize=128",
                           "train.batch_size=8", "train.max_steps=60", "reconstruction.reduction=mean",
+                          # the optimiser and pixel loss this test was set on (the quickstart's former defaults)
+                          "reconstruction.pixel_loss=l1", "train.learning_rate=1e-4", "train.adam_betas=[0.5,0.9]",
                           f"regularizer.vq.restart_dead={restart}", "regularizer.vq.dead_after=10"), tmp_path / f"run-{restart}")
         reset_accelerate()
         model = load_autoencoder(str(tmp_path / f"run-{restart}" / "model")).eval()

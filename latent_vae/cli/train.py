@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 HELP = "train a KL or VQ autoencoder (default: the tiny CPU quickstart on sample photos)"
 DESCRIPTION = """\
 Train an autoencoder from a YAML recipe plus dotted key=value overrides.
 
-With no arguments, trains the tiny-kl quickstart on photographs bundled with
-scikit-image (CPU, a few minutes) into runs/quickstart.
+With no arguments, trains the tiny-kl-f4 quickstart on photographs bundled with
+scikit-image (CPU, about 3 minutes) into runs/quickstart.
 
 examples:
   latent-vae train
@@ -30,7 +31,7 @@ exit 0; continue with --resume latest.
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="recipe YAML, or a recipe name from configs/ (e.g. kl-f8); "
-                        "default: the tiny-kl quickstart (or the run's config.yaml when resuming)")
+                        "default: the tiny-kl-f4 quickstart (or the run's config.yaml when resuming)")
     parser.add_argument("--output-dir", type=Path,
                         help="run directory (default: runs/<recipe name>, runs/quickstart without --config)")
     parser.add_argument("--resume", metavar="latest|auto|PATH",
@@ -77,7 +78,18 @@ def run(args: argparse.Namespace) -> int:
         print(f"done: {summary.steps} steps; model in {summary.model_dir}")
         if summary.val_metrics:
             print("validation: " + ", ".join(f"{k} {v:.4f}" for k, v in summary.val_metrics.items()))
+        print_where_things_are(output_dir, summary.steps, "tensorboard" in config.logging.trackers)
     return 0
+
+
+def print_where_things_are(output_dir: Path, steps: int, tensorboard: bool) -> None:
+    """What a new user looks at next: the last reconstruction grid, the TensorBoard logs, and how to load the model."""
+    model_dir = output_dir / "model"
+    class_name = json.loads((model_dir / "config.json").read_text())["_class_name"]
+    print(f"reconstructions (inputs above, outputs below): {output_dir / 'samples' / f'reconstructions-{steps:08d}.png'}")
+    if tensorboard:
+        print(f"TensorBoard logs: {output_dir / 'logs'}  (view: tensorboard --logdir {output_dir / 'logs'})")
+    print(f'load the model: from diffusers import {class_name}; vae = {class_name}.from_pretrained("{model_dir}")')
 
 
 def _is_main_process() -> bool:
