@@ -265,7 +265,7 @@ def test_vf_adaptive_weight_is_the_gradient_norm_ratio_at_the_encoders_last_laye
     from latent_vae.losses.vf import VisionBackbone
 
     cfg = load_config(None, ["regularizer.vf.weight=0.1", "reconstruction.perceptual_weight=0",
-                             "regularizer.vf.image_size=64"])
+                             "reconstruction.pixel_loss=l1", "regularizer.vf.image_size=64"])
     vae = _tiny()
     terms = build_diffusability(vae, cfg, VisionBackbone(_tiny_dinov2(), 64))
     images = _smooth_images(2, 64)

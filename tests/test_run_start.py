@@ -10,7 +10,7 @@ from latent_vae.cli import main
 
 def test_a_resume_with_another_global_batch_needs_confirmation(tmp_path, capsys):
     out = str(tmp_path / "run")
-    assert main(["train", "--output-dir", out, *FAST, "train.max_steps=2"]) == 0
+    assert main(["train", "--output-dir", out, *FAST, "train.max_steps=2", "train.learning_rate=1e-4"]) == 0
     # batch 1 × accumulation 2: the same global batch, the same stream and learning rate: no question asked
     assert main(["train", "--output-dir", out, "--resume", "latest", "train.max_steps=3", "train.batch_size=1",
                  "train.grad_accum_steps=2"]) == 0
