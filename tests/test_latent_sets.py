@@ -209,6 +209,9 @@ class FakeHub:
     root = None
     fail = False
 
+    def whoami(self):
+        return {"name": "me"}
+
     def create_repo(self, repo_id, repo_type=None, private=False, exist_ok=False):
         assert repo_type == "dataset" and exist_ok
         (FakeHub.root / repo_id).mkdir(parents=True, exist_ok=True)
@@ -245,6 +248,19 @@ def test_push_to_hub_uploads_the_shards_and_a_card(tmp_path, images, monkeypatch
     assert "| rows | 5 of 5 inputs" in card and "scaling_factor" in card and str(tmp_path) not in card
     rows = datasets.load_dataset("parquet", data_files=str(repo / "data" / "*.parquet"), split="train")
     assert rows["id"] == sorted(p.name for p in images.glob("*.png"))
+
+
+def test_push_to_hub_without_a_login_stops_before_encoding(tmp_path, images, monkeypatch):
+    import huggingface_hub
+
+    class LoggedOut(FakeHub):
+        def whoami(self):
+            raise OSError("no token")
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", LoggedOut)
+    with pytest.raises(ConfigError, match="--push-to-hub needs a Hugging Face login: run `hf auth login`"):
+        encode(tiny_kl(), images, tmp_path / "latents", push_to_hub="me/my-latents")
+    assert not (tmp_path / "latents").exists()  # nothing encoded for an upload that could not happen
 
 
 def test_webdataset_refuses_source_columns_json_cannot_hold(tmp_path, images):

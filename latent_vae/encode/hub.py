@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 from ..errors import DataError
+from ..interop.export import public_name
+from ..interop.hub import check_repo_id, hub_api
 from .decode import load_latent_dataset
 from .stats import latent_statistics
 
@@ -17,19 +19,12 @@ from .stats import latent_statistics
 UPLOAD_SHARD_BYTES = 500 << 20
 
 
-def _public_name(reference: Optional[str]) -> str:
-    """A hub id as it is; a local path by its last component only (no absolute paths in a card)."""
-    if not reference:
-        return "unknown"
-    return Path(reference).name if Path(reference).is_absolute() else reference
-
-
 def _data_name(data: Dict[str, Any]) -> str:
     """What was encoded, without local paths: a shard count, a hub dataset id, a folder's name."""
     if "shards" in data:  # a hub dataset read as a stream keeps its id; shard files their count only
         hub_id = data["streaming"] and not Path(data["source"]).expanduser().exists()
         return f"{data['shards']} shards" + (f" of {data['source']}" if hub_id else "")
-    return _public_name(data["source"])
+    return public_name(data["source"]) or "unknown"
 
 
 def _statistics(output_dir: Path, config: Dict[str, Any]) -> Optional[Dict[str, Any]]:
@@ -59,7 +54,7 @@ def dataset_card(output_dir: Path, data_files: str) -> str:
         "---", "",
         f"# Latents of {_data_name(identity['data'])}", "",
         f"Encoded with `latent-vae encode` by the {identity['model']['class']} "
-        f"`{_public_name(config.get('model_path'))}` (weights SHA-256 `{identity['model']['weights_sha256']}`).", "",
+        f"`{public_name(config.get('model_path')) or 'unknown'}` (weights SHA-256 `{identity['model']['weights_sha256']}`).", "",
         "| | |", "| --- | --- |",
         f"| rows | {summary['encoded']} of {summary['read']} inputs ({summary['failed']} unreadable, listed in "
         "`failures.jsonl` of the encode) |",
@@ -83,14 +78,19 @@ def dataset_card(output_dir: Path, data_files: str) -> str:
     return "\n".join(lines)
 
 
+def check_push_target(repo: str) -> None:
+    """``--push-to-hub REPO`` is a repository id and the user is logged in: checked before encoding,
+    not after hours of it (the model upload's checks, ``interop.hub``)."""
+    check_repo_id(repo)
+    hub_api()
+
+
 def push_latent_set(output_dir: Path, repo: str, private: bool = False) -> None:
     """Create the dataset repository if needed and upload the shards (a ``datasets`` output as
     parquet shards) with the dataset card as README.md."""
-    from huggingface_hub import HfApi
-
     output_dir = Path(output_dir)
     output_format = json.loads((output_dir / "encode_config.json").read_text())["identity"]["output_format"]
-    api = HfApi()
+    api, _ = hub_api()
     try:
         api.create_repo(repo, repo_type="dataset", private=private, exist_ok=True)
         with tempfile.TemporaryDirectory() as staging:

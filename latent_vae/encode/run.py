@@ -50,7 +50,7 @@ from ..runtime import (atomic_write_bytes, atomic_write_json, configure_cpu_thre
 from ..seeding import derive_seed
 from .encoder import LatentEncoder
 from .formats import check_webdataset_columns
-from .hub import push_latent_set
+from .hub import check_push_target, push_latent_set
 from .identity import LOCK_NAME, model_path, prepare_output, run_identity
 from .options import EncodeOptions
 from .preprocess import EncodeInputs, Preprocessing, bucket_sizes, collate_by_size
@@ -159,6 +159,8 @@ def encode_dataset(model: Union[str, Path, Autoencoder], data: Union[str, Path, 
     except TypeError as err:
         raise ConfigError(f"encode_dataset: {err}") from None
     opts.validate()
+    if opts.push_to_hub:
+        check_push_target(opts.push_to_hub)
     output_dir = Path(output_dir).resolve()
     started = time.perf_counter()
     accelerator = _accelerator(opts.device)
