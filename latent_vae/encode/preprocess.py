@@ -87,6 +87,16 @@ def to_model_input(pixels: torch.Tensor) -> torch.Tensor:
     return pixels.float().div(127.5).sub(1.0)
 
 
+def prepare(preprocessing: Preprocessing, image: Image.Image) -> Dict[str, Any]:
+    """One input image as encode's workers hand it on: ``pixels`` (uint8, 3 × H × W; ``to_model_input``
+    converts them on the device) and the preprocessing ``record``, or the ``failure`` that skips it."""
+    try:
+        image, record = preprocessing(image)
+    except (ImageReadError, SkippedInput) as err:
+        return {"failure": str(err)}
+    return {"pixels": torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1), "record": record}
+
+
 class EncodeInputs(torch.utils.data.Dataset):
     """Source index -> preprocessed uint8 image and its record, or the reason it is unusable."""
 
@@ -98,11 +108,10 @@ class EncodeInputs(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> Dict[str, Any]:
         try:
-            image, record = self.preprocessing(self.source.read(index))
-        except (ImageReadError, SkippedInput) as err:
+            image = self.source.read(index)
+        except ImageReadError as err:
             return {"index": index, "failure": str(err)}
-        pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
-        return {"index": index, "pixels": pixels, "record": record}
+        return {"index": index, **prepare(self.preprocessing, image)}
 
 
 def collate_by_size(samples: List[Dict[str, Any]]) -> Dict[str, Any]:

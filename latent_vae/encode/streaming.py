@@ -12,13 +12,11 @@ from __future__ import annotations
 import json
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 
 from ..data.streams import StreamSample, StreamSource, decode
-from ..errors import ImageReadError
 from .options import EncodeOptions
-from .preprocess import Preprocessing, SkippedInput
+from .preprocess import Preprocessing, prepare
 from .storage import ShardAssembler, ShardStore
 
 # A row key packs (shard, sample index within the shard): every key is unique in the run, and
@@ -87,12 +85,7 @@ class StreamInputs(torch.utils.data.IterableDataset):
         image, failure = decode(sample)
         if failure is not None:
             return {**item, "failure": failure.reason}
-        try:
-            crop, record = self.preprocessing(image)
-        except (ImageReadError, SkippedInput) as err:
-            return {**item, "failure": str(err)}
-        pixels = torch.from_numpy(np.asarray(crop, dtype=np.uint8).copy()).permute(2, 0, 1)
-        return {**item, "pixels": pixels, "record": record}
+        return {**item, **prepare(self.preprocessing, image)}
 
 
 class StreamAssembler(ShardAssembler):
