@@ -235,7 +235,9 @@ def test_a_16_channel_shifted_teacher_encoder_only(tmp_path):
     assert "(z − 0.1) · 0.6" in card and "decoder was NOT trained" in card
 
 
-def test_cli_help_and_one_line_errors(tmp_path, capsys):
+def test_cli_help_and_one_line_errors(tmp_path, capsys, monkeypatch):
+    from test_run_start import offline_lpips
+
     with pytest.raises(SystemExit):
         main(["distill", "--help"])
     text = capsys.readouterr().out
@@ -258,6 +260,15 @@ def test_cli_help_and_one_line_errors(tmp_path, capsys):
         code = main(["distill", "--output-dir", str(tmp_path / "run"), "--overwrite", *flags, *FAST, *overrides])
         err = capsys.readouterr().err
         assert code == 2 and message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "run").exists()  # a refused start leaves no run folder behind
+    # refused after the run folder is claimed (no LPIPS weights): the start takes the folder back
+    offline_lpips(monkeypatch, tmp_path)
+    code = main(["distill", "--output-dir", str(tmp_path / "run"), "--teacher", teacher, *FAST,
+                 "reconstruction.perceptual_weight=1.0"])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error" in line.lower()]
+    assert code == 2 and len(errors) == 1 and "reconstruction.perceptual_weights=" in errors[0], err
+    assert "Traceback" not in err and not (tmp_path / "run").exists()
 
 
 SPY = """

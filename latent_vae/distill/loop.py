@@ -25,6 +25,7 @@ from ..interop.export import save_diffusers_model
 from ..train.loop import open_accelerator, open_data, run_steps, open_run
 from ..train.monitor import setup_logging
 from ..train.run_io import (
+    RunStart,
     RunSummary,
     claim_run_dir,
     find_resume_checkpoint,
@@ -44,15 +45,24 @@ DISTILL_IDENTITY = {"distill": ("teacher", "teacher_subfolder", "student", "stud
 
 def distill(config: Config, output_dir: str | Path, resume: Optional[str] = None,
             overwrite: bool = False) -> RunSummary:
-    cfg, output_dir = config, Path(output_dir).resolve()
+    """A start that fails before its first step takes back what it added to the run folder
+    (``train.run_io.RunStart``), as ``train`` does."""
+    with RunStart(Path(output_dir).resolve()) as start:
+        return _distill(config, start, resume, overwrite)
 
-    # ---------------------------------------------------------------- accelerator, run directory, teacher
-    accelerator = open_accelerator(cfg, output_dir)
-    is_main = accelerator.is_main_process
+
+def _distill(cfg: Config, start: RunStart, resume: Optional[str], overwrite: bool) -> RunSummary:
+    output_dir = start.output_dir
+
+    # ---------------------------------------------------------------- teacher, student, accelerator, run directory
+    # Teacher and student first: a bad teacher or student is refused before the run folder is made.
     teacher = load_teacher(cfg.distill.teacher, cfg.distill.teacher_subfolder, cfg.distill.teacher_latents)
     torch.manual_seed(cfg.train.seed)  # the same initial student on every process
     student = build_student(cfg.distill, teacher)  # a student that cannot serve the teacher is refused up front
+    accelerator = open_accelerator(cfg, output_dir)
+    is_main = accelerator.is_main_process
     run_lock = claim_run_dir(output_dir, resume, overwrite, accelerator)
+    start.claimed(is_main)
     setup_logging(output_dir, is_main)
     checkpoint_path = find_resume_checkpoint(output_dir, resume, cfg, accelerator.num_processes,
                                              identity=DISTILL_IDENTITY)
@@ -78,6 +88,7 @@ def distill(config: Config, output_dir: str | Path, resume: Optional[str] = None
     # ---------------------------------------------------------------- the loop (train's)
     if val_loader is not None and step == 0:
         initial_val_metrics = validate_distill(state.autoencoder.vae, teacher, val_loader, accelerator, step)
+    start.training()  # from here on the folder holds a run, whatever happens
     outcome = run_steps(
         state, cfg, cfg_dict, accelerator, run.loader, failure_log, output_dir / "checkpoints", step,
         run.skipped_steps, resumed=checkpoint_path is not None, images_per_step=images_per_step, desc="distill",

@@ -56,12 +56,8 @@ def train(config: Config, output_dir: str | Path, resume: Optional[str] = None, 
     """``accept_changed_batch``: resume even when the global batch changes the sample stream or the
     learning rate (``--accept-changed-batch``). A start that fails before its first step takes back
     what it added to the run folder (``RunStart``)."""
-    start = RunStart(Path(output_dir).resolve())
-    try:
+    with RunStart(Path(output_dir).resolve()) as start:
         return _train(config, start, resume, overwrite, accept_changed_batch)
-    except BaseException:
-        start.undo()
-        raise
 
 
 def _train(cfg: Config, start: RunStart, resume: Optional[str], overwrite: bool,

@@ -112,6 +112,14 @@ class RunStart:
         self.entries = set(os.listdir(output_dir)) if self.existed else set()
         self.owner = False
 
+    def __enter__(self) -> "RunStart":
+        return self
+
+    def __exit__(self, error_type, error, traceback) -> bool:
+        if error_type is not None:
+            self.undo()
+        return False  # the error goes on to the caller
+
     def claimed(self, is_main: bool) -> None:
         self.owner = is_main
 
