@@ -54,7 +54,9 @@ class DataConfig:
     val_split: Optional[str] = None
     val_images: int = 16
     val_crops: int = 4
-    num_workers: int = 2
+    # 0: the quickstart's photos are decoded once and kept (TrainDataset), so both CPU cores compute;
+    # recipes for real data set their own worker count.
+    num_workers: int = 0
     pin_memory: bool = True
     prefetch_factor: int = 4
     verify: bool = True

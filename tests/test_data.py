@@ -176,3 +176,46 @@ def test_train_dataset_replaces_an_undecodable_image_and_reports_it(photo_folder
     assert batch["pixel_values"].shape == (2, 3, 32, 32) and len(batch["failures"]) == 1
     assert batch["seeds"].tolist() == [123, 5]
     assert torch.equal(dataset[(2, 9)]["pixel_values"], dataset[(2, 9)]["pixel_values"])  # seeded crop
+
+
+class CountingSource:
+    """Wraps a source and counts its reads."""
+
+    def __init__(self, source):
+        self.source, self.reads = source, 0
+
+    def __len__(self):
+        return len(self.source)
+
+    def key(self, index):
+        return self.source.key(index)
+
+    def read(self, index):
+        self.reads += 1
+        return self.source.read(index)
+
+
+@pytest.mark.parametrize("resize", [None, 0, 96])
+def test_train_crops_from_kept_resized_images_equal_fresh_reads(resize):
+    """The in-memory cache of resized images is a fast path: the same crops, far fewer decodes."""
+    photos, _ = sample_photo_sources()
+    cfg = DataConfig(resolution=64, resize=resize)
+    cached, fresh = CountingSource(photos), CountingSource(photos)
+    cached_dataset, fresh_dataset = TrainDataset(cached, cfg), TrainDataset(fresh, cfg, cache_bytes=0)
+    keys = [(i % len(photos), 1000 + i) for i in range(3 * len(photos))]
+    for key in keys:
+        assert torch.equal(cached_dataset[key]["pixel_values"], fresh_dataset[key]["pixel_values"])
+    assert fresh.reads == len(keys) and cached.reads == len(photos)
+
+
+def test_resized_image_cache_stops_at_its_byte_budget():
+    photos, _ = sample_photo_sources()
+    source = CountingSource(photos)
+    one_image = 128 * 128 * 3  # every sample photo is at least 128 px on its shorter side
+    dataset = TrainDataset(source, DataConfig(resolution=64, resize=128), cache_bytes=int(2.5 * one_image))
+    for _ in range(2):
+        for index in range(len(photos)):
+            dataset[(index, index)]
+    assert dataset._cached_bytes <= 2.5 * one_image and 1 <= len(dataset._cached) <= 2
+    assert source.reads == 2 * len(photos) - len(dataset._cached)
+

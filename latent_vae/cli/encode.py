@@ -40,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what.add_argument("--model", required=True, help="diffusers model folder or hub id (AutoencoderKL or VQModel)")
     what.add_argument("--subfolder", help="model subfolder, e.g. vae for a full pipeline repository")
     what.add_argument("--data", help="image folder (recursive), save_to_disk dataset, or hub dataset name "
-                      "(default: the scikit-image sample photos)")
+                      "(default: the scikit-image and matplotlib sample photos)")
     what.add_argument("--shards", nargs="+", metavar="PATTERN",
                       help="webdataset tar or parquet shards instead of --data: brace patterns "
                       "(data-{000000..000999}.tar), globs, folders, paths or URLs; one input shard becomes one output "

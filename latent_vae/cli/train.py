@@ -11,7 +11,7 @@ DESCRIPTION = """\
 Train an autoencoder from a YAML recipe plus dotted key=value overrides.
 
 With no arguments, trains the tiny-kl-f4 quickstart on photographs bundled with
-scikit-image (CPU, about 3 minutes) into runs/quickstart.
+scikit-image and matplotlib (CPU, about 3 minutes) into runs/quickstart.
 
 examples:
   latent-vae train

@@ -28,10 +28,15 @@ logger = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp")
 
 # Real photographs shipped inside the scikit-image wheel: the no-argument quickstart and the
-# test suite train on these (greyscale ones are converted to RGB like any other input).
+# test suite train on these (greyscale ones are converted to RGB like any other input). The last
+# three add the colour the first twelve lack (half are greyscale, the colour ones red/brown): a
+# demo trained on those alone pulled the colours of unseen photos towards red (docs/BENCHMARKS.md,
+# "Quickstart"). color.png is scikit-image's hue/saturation wheel; grace_hopper.jpg ships with
+# matplotlib. New photos go at the end: tests take the first N.
 SAMPLE_TRAIN_PHOTOS = ("astronaut.png", "hubble_deep_field.jpg", "ihc.png", "motorcycle_left.png",
                        "retina.jpg", "rocket.jpg", "camera.png", "coins.png", "moon.png",
-                       "brick.png", "grass.png", "gravel.png")
+                       "brick.png", "grass.png", "gravel.png", "motorcycle_right.png", "color.png",
+                       "matplotlib:grace_hopper.jpg")
 SAMPLE_VAL_PHOTOS = ("chelsea.png", "coffee.png")
 
 
@@ -204,11 +209,20 @@ def sample_photos_dir() -> Path:
     return Path(skimage.__file__).parent / "data"
 
 
+def sample_photo_path(name: str) -> Path:
+    """A bundled photo by name: scikit-image's data folder, or ``matplotlib:NAME`` for matplotlib's sample data."""
+    if name.startswith("matplotlib:"):
+        import matplotlib
+
+        return Path(matplotlib.get_data_path()) / "sample_data" / name.split(":", 1)[1]
+    return sample_photos_dir() / name
+
+
 def sample_photo_sources() -> Tuple[FolderSource, FolderSource]:
-    """(train, validation) sources over the photographs bundled with scikit-image."""
-    root = sample_photos_dir()
-    train = FolderSource(root, [root / n for n in SAMPLE_TRAIN_PHOTOS], "scikit-image sample photos")
-    val = FolderSource(root, [root / n for n in SAMPLE_VAL_PHOTOS], "scikit-image sample photos")
+    """(train, validation) sources over the photographs bundled with scikit-image and matplotlib."""
+    root, name = sample_photos_dir(), "scikit-image and matplotlib sample photos"
+    train = FolderSource(root, [sample_photo_path(n) for n in SAMPLE_TRAIN_PHOTOS], name)
+    val = FolderSource(root, [sample_photo_path(n) for n in SAMPLE_VAL_PHOTOS], name)
     return train, val
 
 

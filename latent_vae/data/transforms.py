@@ -33,12 +33,21 @@ def crop_image(image: Image.Image, resolution: int, resize: Optional[int], crop:
                rng: random.Random) -> Image.Image:
     """Resize the shorter side to ``resize`` (default: ``resolution``; 0 keeps the size, upscaling
     only images smaller than the crop), then a random or centre square crop, then a random flip."""
+    return crop_resized(resize_for_crop(image, resolution, resize), resolution, crop, hflip, rng)
+
+
+def resize_for_crop(image: Image.Image, resolution: int, resize: Optional[int]) -> Image.Image:
+    """``crop_image``'s resize step: the same for every crop of an image, so it can be kept and reused."""
     target = resolution if resize is None else resize
-    shorter = min(image.size)
     if target > 0:
-        image = resize_shorter_side(image, max(target, resolution))
-    elif shorter < resolution:
-        image = resize_shorter_side(image, resolution)
+        return resize_shorter_side(image, max(target, resolution))
+    if min(image.size) < resolution:
+        return resize_shorter_side(image, resolution)
+    return image
+
+
+def crop_resized(image: Image.Image, resolution: int, crop: str, hflip: bool, rng: random.Random) -> Image.Image:
+    """``crop_image``'s crop and flip of an image ``resize_for_crop`` returned."""
     width, height = image.size
     if crop == "random":
         left, top = rng.randint(0, width - resolution), rng.randint(0, height - resolution)

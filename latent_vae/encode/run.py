@@ -148,7 +148,7 @@ def encode_dataset(model: Union[str, Path, Autoencoder], data: Union[str, Path, 
 
     ``model``: a diffusers folder, hub id, or an ``AutoencoderKL``/``VQModel`` instance.
     ``data``: an image folder, a ``save_to_disk`` dataset, a hub dataset name, an ``ImageSource``,
-    or None (the scikit-image sample photos). ``options``: fields of ``EncodeOptions``.
+    or None (the bundled sample photos). ``options``: fields of ``EncodeOptions``.
     Run under ``accelerate launch``/``torchrun`` for several processes; every process returns
     the same summary.
     """

@@ -169,7 +169,7 @@ def render_model_card(model: Autoencoder, recipe: Dict, steps: int, metrics: Dic
         lines.append(f"- preset `{model_cfg['preset']}`")
     lines += architecture_lines(model)
     if recipe:
-        data_name = public_name(data.get("path")) or "the scikit-image sample photos"
+        data_name = public_name(data.get("path")) or "the scikit-image and matplotlib sample photos"
         lines += ["", "## Training", "", f"- steps: {steps}, batch size {train_cfg.get('batch_size')} per process, "
                   f"learning rate {train_cfg.get('learning_rate')} per sample ({train_cfg.get('lr_scaling')} scaling)",
                   f"- data: `{data_name}`, {data.get('resolution')} px crops", *loss_lines(recipe),
