@@ -59,7 +59,6 @@ class TrainDataset(torch.utils.data.Dataset):
             raise DataError(f"none of the {len(self.source)} images in {self.source.name} can be decoded")
         return {"pixel_values": to_tensor(image), "seed": seed, "failures": failures}
 
-
     def _resized(self, position: int) -> Image.Image:
         image = self._cached.get(position)
         if image is None:

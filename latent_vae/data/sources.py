@@ -38,6 +38,7 @@ SAMPLE_TRAIN_PHOTOS = ("astronaut.png", "hubble_deep_field.jpg", "ihc.png", "mot
                        "brick.png", "grass.png", "gravel.png", "motorcycle_right.png", "color.png",
                        "matplotlib:grace_hopper.jpg")
 SAMPLE_VAL_PHOTOS = ("chelsea.png", "coffee.png")
+SAMPLE_PHOTOS_NAME = "scikit-image and matplotlib sample photos"  # how logs and model cards name them
 
 
 @dataclass
@@ -220,9 +221,9 @@ def sample_photo_path(name: str) -> Path:
 
 def sample_photo_sources() -> Tuple[FolderSource, FolderSource]:
     """(train, validation) sources over the photographs bundled with scikit-image and matplotlib."""
-    root, name = sample_photos_dir(), "scikit-image and matplotlib sample photos"
-    train = FolderSource(root, [sample_photo_path(n) for n in SAMPLE_TRAIN_PHOTOS], name)
-    val = FolderSource(root, [sample_photo_path(n) for n in SAMPLE_VAL_PHOTOS], name)
+    root = sample_photos_dir()
+    train = FolderSource(root, [sample_photo_path(n) for n in SAMPLE_TRAIN_PHOTOS], SAMPLE_PHOTOS_NAME)
+    val = FolderSource(root, [sample_photo_path(n) for n in SAMPLE_VAL_PHOTOS], SAMPLE_PHOTOS_NAME)
     return train, val
 
 

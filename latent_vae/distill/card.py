@@ -9,6 +9,7 @@ from typing import Dict
 
 from diffusers import AutoencoderTiny
 
+from ..data.sources import SAMPLE_PHOTOS_NAME
 from ..runtime import atomic_write
 from .measure import QUALITY_KEYS
 from .student import Teacher, describe, trained_parts
@@ -55,7 +56,7 @@ def write_distill_card(folder: Path, student: AutoencoderTiny, teacher: Teacher,
         f"- trained: {' and '.join(parts)}"
         + (f"; the {untrained[0]} was NOT trained (random weights): do not use "
            f"`{'encode' if untrained[0] == 'encoder' else 'decode'}` of this model" if untrained else ""),
-        f"- steps: {steps}, data: `{data.get('path') or 'scikit-image and matplotlib sample photos'}` at {data['resolution']} px",
+        f"- steps: {steps}, data: `{data.get('path') or SAMPLE_PHOTOS_NAME}` at {data['resolution']} px",
         f"- written: {time.strftime('%Y-%m-%d %H:%M')}; the full resolved recipe is `../config.yaml`",
         "",
         "## Measured quality (validation images)",

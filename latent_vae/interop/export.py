@@ -11,6 +11,7 @@ from typing import Dict, Iterable, List, Optional
 import torch
 import yaml
 
+from ..data.sources import SAMPLE_PHOTOS_NAME
 from ..models.loading import is_hub_id
 from ..models.stock import Autoencoder, count_parameters, downsample_factor, is_vq, latent_channels, training_latents
 from ..models.tiling import DEFAULT_TILE_SIZE
@@ -169,7 +170,7 @@ def render_model_card(model: Autoencoder, recipe: Dict, steps: int, metrics: Dic
         lines.append(f"- preset `{model_cfg['preset']}`")
     lines += architecture_lines(model)
     if recipe:
-        data_name = public_name(data.get("path")) or "the scikit-image and matplotlib sample photos"
+        data_name = public_name(data.get("path")) or f"the {SAMPLE_PHOTOS_NAME}"
         lines += ["", "## Training", "", f"- steps: {steps}, batch size {train_cfg.get('batch_size')} per process, "
                   f"learning rate {train_cfg.get('learning_rate')} per sample ({train_cfg.get('lr_scaling')} scaling)",
                   f"- data: `{data_name}`, {data.get('resolution')} px crops", *loss_lines(recipe),
