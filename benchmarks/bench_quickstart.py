@@ -6,7 +6,9 @@ centre ``--resolution``² crops of every photo under ``--data`` (shorter side fi
 ``--resize``, as the quickstart's ``data.resize``) from the posterior mean. The baseline is the
 same crops area-downsampled by the model's factor and upsampled bicubically: 3 numbers per latent
 cell, no learning. Also reported: the mean colour error (output − input, per channel, on [0, 1]),
-which shows a tint, and the PSNR after correcting each crop's mean colour.
+which shows a tint, the PSNR after correcting each crop's mean colour, and how much of the colour of
+each latent cell (4×4 block means) comes back along three opponent axes: luma (R+G+B), red–green
+(R−G) and yellow–blue (R+G−2B), as R² = 1 − error variance ÷ input variance.
 
     python benchmarks/bench_quickstart.py --data ../shared/data/cbsd68 ../shared/data/mcmaster
 """
@@ -38,14 +40,30 @@ def held_out_crops(folder: Path, resize: int, resolution: int) -> torch.Tensor:
                         for f in files])
 
 
-def scores(reconstructions: torch.Tensor, crops: torch.Tensor) -> list:
+# Opponent colour axes (orthonormal rows): luma, red–green, yellow–blue.
+OPPONENT_AXES = torch.nn.functional.normalize(torch.tensor([[1.0, 1, 1], [1, -1, 0], [1, 1, -2]]), dim=1)
+
+
+def cell_colour_r2(reconstructions: torch.Tensor, crops: torch.Tensor, factor: int) -> torch.Tensor:
+    """R² of the latent cells' mean colour along each opponent axis, over all cells of all crops:
+    1 means the axis comes back exactly, 0 means no better than that axis's mean."""
+    def cells(images: torch.Tensor) -> torch.Tensor:
+        means = F.avg_pool2d(images, factor)
+        return torch.einsum("ac,nchw->anhw", OPPONENT_AXES, means).flatten(1)  # (3, cells)
+
+    target, output = cells(crops), cells(reconstructions)
+    return 1 - (output - target).pow(2).mean(dim=1) / target.var(dim=1)
+
+
+def scores(reconstructions: torch.Tensor, crops: torch.Tensor, factor: int) -> list:
     from latent_vae.evaluate.metrics import psnr_per_image, to_unit_range
 
     shift = (to_unit_range(reconstructions) - to_unit_range(crops)).mean(dim=(2, 3))  # (N, 3)
     corrected = reconstructions - 2 * shift[:, :, None, None]
     return [f"{psnr_per_image(reconstructions, crops).mean():.2f}",
             ", ".join(f"{v:+.3f}" for v in shift.mean(dim=0).tolist()),
-            f"{psnr_per_image(corrected, crops).mean():.2f}"]
+            f"{psnr_per_image(corrected, crops).mean():.2f}",
+            ", ".join(f"{v:.2f}" for v in cell_colour_r2(reconstructions, crops, factor).tolist())]
 
 
 def main() -> None:
@@ -77,15 +95,16 @@ def main() -> None:
             with torch.no_grad():
                 learned = vae.decode(vae.encode(crops).latent_dist.mode()).sample.clamp(-1, 1)
             plain = F.interpolate(F.avg_pool2d(crops, factor), scale_factor=factor, mode="bicubic").clamp(-1, 1)
-            rows.append([folder.name, len(crops), "quickstart model", *scores(learned, crops)])
-            rows.append([folder.name, len(crops), f"plain: area ÷{factor}, bicubic ×{factor}", *scores(plain, crops)])
+            rows.append([folder.name, len(crops), "quickstart model", *scores(learned, crops, factor)])
+            rows.append([folder.name, len(crops), f"plain: area ÷{factor}, bicubic ×{factor}", *scores(plain, crops, factor)])
     print("\n".join(common.machine_description(torch.device("cpu"))))
     print("command: python " + " ".join(sys.argv))
     if wall is not None:
         print(f"quickstart training wall time: {wall:.0f} s")
     print()
     print(common.markdown_table(["photos", "crops", "reconstruction", "PSNR dB", "mean colour error R, G, B",
-                                 "PSNR, mean colour corrected"], rows))
+                                 "PSNR, mean colour corrected",
+                                 "cell colour R²: luma, red–green, yellow–blue"], rows))
 
 
 if __name__ == "__main__":

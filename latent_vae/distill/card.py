@@ -10,6 +10,7 @@ from typing import Dict
 from diffusers import AutoencoderTiny
 
 from ..data.sources import SAMPLE_PHOTOS_NAME
+from ..interop.export import public_name
 from ..runtime import atomic_write
 from .measure import QUALITY_KEYS
 from .student import Teacher, describe, trained_parts
@@ -26,12 +27,14 @@ QUALITY_TEXT = {
 def write_distill_card(folder: Path, student: AutoencoderTiny, teacher: Teacher, recipe: Dict, steps: int,
                        metrics: Dict[str, float], speed: Dict[str, float], resolution: int, device: str) -> None:
     distill, data = recipe["distill"], recipe["data"]
-    teacher_name = distill["teacher"] + (f" (subfolder `{distill['teacher_subfolder']}`)"
-                                         if distill.get("teacher_subfolder") else "")
+    # Hub ids as they are, local paths by their last component: a public card does not name the user's machine.
+    teacher_public = public_name(distill["teacher"])
+    teacher_name = teacher_public + (f" (subfolder `{distill['teacher_subfolder']}`)"
+                                     if distill.get("teacher_subfolder") else "")
     parts = trained_parts(distill["parts"])
     untrained = [p for p in ("encoder", "decoder") if p not in parts]
     lines = [
-        "# AutoencoderTiny distilled from " + distill["teacher"],
+        "# AutoencoderTiny distilled from " + teacher_public,
         "",
         "A stock `diffusers.AutoencoderTiny` (TAESD architecture) trained with latent_vae to share the latent "
         "space of its teacher: load it with plain diffusers, no custom code, and put it in the teacher's pipeline.",
@@ -56,7 +59,7 @@ def write_distill_card(folder: Path, student: AutoencoderTiny, teacher: Teacher,
         f"- trained: {' and '.join(parts)}"
         + (f"; the {untrained[0]} was NOT trained (random weights): do not use "
            f"`{'encode' if untrained[0] == 'encoder' else 'decode'}` of this model" if untrained else ""),
-        f"- steps: {steps}, data: `{data.get('path') or SAMPLE_PHOTOS_NAME}` at {data['resolution']} px",
+        f"- steps: {steps}, data: `{public_name(data.get('path')) or SAMPLE_PHOTOS_NAME}` at {data['resolution']} px",
         f"- written: {time.strftime('%Y-%m-%d %H:%M')}; the full resolved recipe is `../config.yaml`",
         "",
         "## Measured quality (validation images)",
