@@ -41,7 +41,7 @@ def held_out_crops(folder: Path, resize: int, resolution: int) -> torch.Tensor:
 
 
 # Opponent colour axes (orthonormal rows): luma, red–green, yellow–blue.
-OPPONENT_AXES = torch.nn.functional.normalize(torch.tensor([[1.0, 1, 1], [1, -1, 0], [1, 1, -2]]), dim=1)
+OPPONENT_AXES = F.normalize(torch.tensor([[1.0, 1, 1], [1, -1, 0], [1, 1, -2]]), dim=1)
 
 
 def cell_colour_r2(reconstructions: torch.Tensor, crops: torch.Tensor, factor: int) -> torch.Tensor:
@@ -76,6 +76,8 @@ def main() -> None:
 
     from diffusers import AutoencoderKL
 
+    from latent_vae.models.stock import downsample_factor
+
     rows, wall = [], None
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model
@@ -89,7 +91,7 @@ def main() -> None:
             model_dir = train(config, Path(tmp) / "quickstart").model_dir
             wall = time.perf_counter() - start
         vae = AutoencoderKL.from_pretrained(model_dir).eval()
-        factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        factor = downsample_factor(vae)
         for folder in args.data:
             crops = held_out_crops(folder, args.resize, args.resolution)
             with torch.no_grad():
