@@ -24,15 +24,9 @@ from ..data.images import image_grid
 from ..interop.export import save_diffusers_model
 from ..train.loop import open_accelerator, open_data, run_steps, open_run
 from ..train.monitor import setup_logging
-from ..train.run_io import (
-    RunStart,
-    RunSummary,
-    claim_run_dir,
-    find_resume_checkpoint,
-    log_grid,
-    write_summary,
-)
+from ..train.run_io import RunStart, RunSummary, claim_run_dir, find_resume_checkpoint, write_summary
 from ..train.state import TrainState, assemble_state
+from ..train.validation import log_grid
 from .card import write_distill_card
 from .measure import distillation_quality, throughput
 from .student import DistillStudent, Teacher, build_student, describe, load_teacher, trained_parts

@@ -34,19 +34,15 @@ from .run_io import (
     claim_run_dir,
     export_model,
     find_resume_checkpoint,
-    log_preview,
-    preview_batch,
-    report_latent_drift,
     restore_checkpoint,
     save_checkpoint,
     train_loader,
-    validate,
-    validation_loader,
     write_summary,
 )
 from .state import TrainState, build_state
 from .step import train_step
 from .trainable import build_trainable_vae
+from .validation import log_preview, preview_batch, report_latent_drift, validate, validation_loader
 
 logger = logging.getLogger("latent_vae")
 
