@@ -34,6 +34,7 @@ import common
 from bench_quickstart import held_out_crops, scores
 
 VARIANTS = ("stock", "no-groupnorm", "centred", "autoencoder-tiny")
+RESOLUTION, RESIZE, FACTOR = 64, 128, 4  # the quickstart's crops and resize; every variant is f4
 
 
 class ImageCentring(nn.Module):
@@ -61,15 +62,16 @@ def build(variant: str) -> nn.Module:
     return model
 
 
-def reconstruct(model: nn.Module, images: torch.Tensor, sample: bool) -> tuple:
-    """(reconstruction, KL summed per image; 0 for AutoencoderTiny, which has no posterior)."""
-    from diffusers import AutoencoderTiny
+def training_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """The quickstart's objective: L2 summed over pixels, plus the summed KL (weight 1e-6) of a
+    posterior sample for AutoencoderKL; AutoencoderTiny has no posterior."""
+    from latent_vae.models.stock import is_tiny, posterior, reconstruct
 
-    if isinstance(model, AutoencoderTiny):
-        return model.decode(model.encode(images).latents).sample, torch.zeros(())
-    posterior = model.encode(images).latent_dist
-    latents = posterior.sample() if sample else posterior.mode()
-    return model.decode(latents).sample, posterior.kl().sum() / len(images)
+    if is_tiny(model):
+        return (reconstruct(model, batch) - batch).pow(2).sum(dim=(1, 2, 3)).mean()
+    distribution = posterior(model, batch)
+    reconstruction = model.decode(distribution.sample()).sample
+    return (reconstruction - batch).pow(2).sum(dim=(1, 2, 3)).mean() + 1e-6 * distribution.kl().sum() / len(batch)
 
 
 def train(variant: str, steps: int, seed: int, photos: list) -> tuple:
@@ -81,9 +83,9 @@ def train(variant: str, steps: int, seed: int, photos: list) -> tuple:
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3, betas=(0.9, 0.999))
     start = time.perf_counter()
     for _ in range(steps):
-        batch = torch.stack([to_tensor(crop_resized(rng.choice(photos), 64, "random", True, rng)) for _ in range(8)])
-        reconstruction, kl = reconstruct(model, batch, sample=True)
-        loss = (reconstruction - batch).pow(2).sum(dim=(1, 2, 3)).mean() + 1e-6 * kl
+        batch = torch.stack([to_tensor(crop_resized(rng.choice(photos), RESOLUTION, "random", True, rng))
+                             for _ in range(8)])
+        loss = training_loss(model, batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -103,17 +105,18 @@ def main() -> None:
     from latent_vae.data.images import load_image
     from latent_vae.data.sources import SAMPLE_TRAIN_PHOTOS, sample_photo_path
     from latent_vae.data.transforms import resize_for_crop
+    from latent_vae.models.stock import reconstruct
 
-    photos = [resize_for_crop(load_image(sample_photo_path(name)), 64, 128) for name in SAMPLE_TRAIN_PHOTOS]
-    held_out = {folder.name: held_out_crops(folder, 128, 64) for folder in args.data}
+    photos = [resize_for_crop(load_image(sample_photo_path(name)), RESOLUTION, RESIZE) for name in SAMPLE_TRAIN_PHOTOS]
+    held_out = {folder.name: held_out_crops(folder, RESIZE, RESOLUTION) for folder in args.data}
     rows, grid_rows = [], [next(iter(held_out.values()))[:12]]
     for variant in args.variants:
         for seed in args.seeds:
             model, wall = train(variant, args.steps, seed, photos)
             for position, (name, crops) in enumerate(held_out.items()):
                 with torch.no_grad():
-                    reconstruction = reconstruct(model, crops, sample=False)[0].clamp(-1, 1)
-                rows.append([variant, seed, f"{wall:.0f}", name, *scores(reconstruction, crops, 4)])
+                    reconstruction = reconstruct(model, crops).clamp(-1, 1)
+                rows.append([variant, seed, f"{wall:.0f}", name, *scores(reconstruction, crops, FACTOR)])
                 if seed == args.seeds[0] and position == 0:
                     grid_rows.append(reconstruction[:12])
             print(f"{variant} seed {seed}: {wall:.0f} s", file=sys.stderr, flush=True)
