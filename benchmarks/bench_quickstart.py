@@ -3,7 +3,8 @@ held-out photos against a plain baseline in the same run.
 
 Trains the quickstart into a temporary folder (or evaluates ``--model``), then reconstructs the
 centre ``--resolution``² crops of every photo under ``--data`` (shorter side first resized to
-``--resize``, as the quickstart's ``data.resize``) from the posterior mean. The baseline is the
+``--resize``, as the quickstart's ``data.resize``) as stock diffusers does (a KL model from its
+posterior mean). The baseline is the
 same crops area-downsampled by the model's factor and upsampled bicubically: 3 numbers per latent
 cell, no learning. Also reported: the mean colour error (output − input, per channel, on [0, 1]),
 which shows a tint, the PSNR after correcting each crop's mean colour, and how much of the colour of
@@ -72,30 +73,37 @@ def main() -> None:
     parser.add_argument("--model", type=Path, help="evaluate this model folder instead of training the quickstart")
     parser.add_argument("--resize", type=int, default=128, help="shorter side before the centre crop (default 128)")
     parser.add_argument("--resolution", type=int, default=64, help="crop side in px (default 64)")
+    parser.add_argument("--grid", type=Path, help="write a PNG: the first 12 crops of the first --data folder "
+                                                  "above their reconstructions")
     args = parser.parse_args()
 
-    from diffusers import AutoencoderKL
-
-    from latent_vae.models.stock import downsample_factor
+    from latent_vae.models.loading import load_autoencoder
+    from latent_vae.models.stock import downsample_factor, reconstruct
 
     rows, wall = [], None
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model
         if model_dir is None:
-            from latent_vae.config import load_config
+            from latent_vae.config import QUICKSTART, load_config
             from latent_vae.train.loop import train
 
             common.quiet_library_logs()
-            config = load_config(None, ["reconstruction.perceptual_if_unavailable=disable"])  # what bare `train` runs
+            # what the bare `latent-vae train` runs
+            config = load_config(None, [*QUICKSTART, "reconstruction.perceptual_if_unavailable=disable"])
             start = time.perf_counter()
             model_dir = train(config, Path(tmp) / "quickstart").model_dir
             wall = time.perf_counter() - start
-        vae = AutoencoderKL.from_pretrained(model_dir).eval()
+        vae = load_autoencoder(str(model_dir)).eval()
         factor = downsample_factor(vae)
         for folder in args.data:
             crops = held_out_crops(folder, args.resize, args.resolution)
             with torch.no_grad():
-                learned = vae.decode(vae.encode(crops).latent_dist.mode()).sample.clamp(-1, 1)
+                learned = reconstruct(vae, crops).clamp(-1, 1)
+            if args.grid and folder == args.data[0]:
+                from torchvision.utils import save_image
+
+                save_image(torch.cat([crops[:12], learned[:12]]).add(1).div(2), args.grid, nrow=min(12, len(crops)),
+                           padding=2, pad_value=1.0)
             plain = F.interpolate(F.avg_pool2d(crops, factor), scale_factor=factor, mode="bicubic").clamp(-1, 1)
             rows.append([folder.name, len(crops), "quickstart model", *scores(learned, crops, factor)])
             rows.append([folder.name, len(crops), f"plain: area ÷{factor}, bicubic ×{factor}", *scores(plain, crops, factor)])

@@ -1,20 +1,25 @@
-"""What holds the quickstart's colours back: its architecture with and without GroupNorm, and a stock
-architecture that has none (diffusers' AutoencoderTiny), trained the same way on the same photos.
+"""What held the first quickstart's colours back: its architecture (tiny-kl-f4) with and without GroupNorm,
+and a stock architecture that has none (diffusers' AutoencoderTiny, from its random initialisation or from
+the low-pass start the quickstart now uses), trained the same way on the same photos.
 
 Each variant is trained by a minimal replica of the quickstart's objective, not by `latent-vae train`
 (which cannot build the diagnostic variants): the quickstart's training photos (shorter side resized
-to 128, random 64² crops with flips), batch 8, Adam (0.9, 0.999) at 2e-3, L2 summed over pixels, plus
+to 128, random 64² crops with flips), batch 8, Adam (0.9, 0.999) at ``--lr`` (default 2e-3, the KL
+quickstart's; the quickstart now trains at 1e-3) after ``--warmup`` steps of linear warm-up (default 0;
+the trainer's formula), L2 summed over pixels, plus
 the KL term (weight 1e-6, summed) for the AutoencoderKL variants; raw weights at the end, no EMA.
 Scores are bench_quickstart.py's on the centre crops of the photos under ``--data``.
 
 Variants:
-  stock            tiny-kl-f4 as the quickstart builds it (diffusers AutoencoderKL, GroupNorm 8 groups)
+  stock            tiny-kl-f4 as the first quickstart built it (diffusers AutoencoderKL, GroupNorm 8 groups)
   no-groupnorm     the same network with every GroupNorm replaced by the identity (diagnostic only:
                    diffusers' AutoencoderKL cannot be built or loaded without its norms)
   centred          every GroupNorm replaced by subtracting each image's mean over channels and pixels
                    (GroupNorm with one group, without the division): the mean removal on its own
   autoencoder-tiny diffusers AutoencoderTiny (TAESD's design: no normalisation, no KL), f4, width 32,
-                   8 latent channels, ~0.32M parameters (tiny-kl-f4: ~0.25M)
+                   8 latent channels, ~0.32M parameters (tiny-kl-f4: ~0.25M): preset tiny-taesd-f4
+  lowpass          the same AutoencoderTiny started as a low-pass autoencoder (model.init=lowpass): the
+                   quickstart's model
 
     python benchmarks/bench_quickstart_norms.py --data ../shared/data/cbsd68 ../shared/data/mcmaster
 """
@@ -33,7 +38,7 @@ from torch import nn
 import common
 from bench_quickstart import held_out_crops, scores
 
-VARIANTS = ("stock", "no-groupnorm", "centred", "autoencoder-tiny")
+VARIANTS = ("stock", "no-groupnorm", "centred", "autoencoder-tiny", "lowpass")
 RESOLUTION, RESIZE, FACTOR = 64, 128, 4  # the quickstart's crops and resize; every variant is f4
 
 
@@ -45,13 +50,15 @@ class ImageCentring(nn.Module):
 
 
 def build(variant: str) -> nn.Module:
-    from diffusers import AutoencoderKL, AutoencoderTiny
+    from diffusers import AutoencoderKL
 
+    from latent_vae.config import ModelConfig
+    from latent_vae.models.loading import build_autoencoder
     from latent_vae.presets import PRESETS
 
-    if variant == "autoencoder-tiny":
-        return AutoencoderTiny(encoder_block_out_channels=(32, 32, 32), decoder_block_out_channels=(32, 32, 32),
-                               num_encoder_blocks=(1, 2, 2), num_decoder_blocks=(2, 2, 1), latent_channels=8)
+    if variant in ("autoencoder-tiny", "lowpass"):
+        init = "lowpass" if variant == "lowpass" else "default"
+        return build_autoencoder(ModelConfig(preset="tiny-taesd-f4", init=init))
     model = AutoencoderKL(**PRESETS["tiny-kl-f4"].kwargs)
     if variant != "stock":
         replacement = nn.Identity if variant == "no-groupnorm" else ImageCentring
@@ -74,13 +81,14 @@ def training_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     return (reconstruction - batch).pow(2).sum(dim=(1, 2, 3)).mean() + 1e-6 * distribution.kl().sum() / len(batch)
 
 
-def train(variant: str, steps: int, seed: int, photos: list) -> tuple:
+def train(variant: str, steps: int, seed: int, photos: list, learning_rate: float, warmup: int) -> tuple:
     from latent_vae.data.transforms import crop_resized, to_tensor
 
     torch.manual_seed(seed)
     rng = random.Random(seed)
     model = build(variant)
-    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3, betas=(0.9, 0.999))
+    optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate, betas=(0.9, 0.999))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(warmup, 1)))
     start = time.perf_counter()
     for _ in range(steps):
         batch = torch.stack([to_tensor(crop_resized(rng.choice(photos), RESOLUTION, "random", True, rng))
@@ -89,6 +97,7 @@ def train(variant: str, steps: int, seed: int, photos: list) -> tuple:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        schedule.step()
     return model.eval(), time.perf_counter() - start
 
 
@@ -98,6 +107,8 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--steps", type=int, default=800, help="training steps (default 800, the quickstart's)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    parser.add_argument("--lr", type=float, default=2e-3, help="Adam's learning rate (default 2e-3)")
+    parser.add_argument("--warmup", type=int, default=0, help="steps of linear learning-rate warm-up (default 0)")
     parser.add_argument("--grid", type=Path, help="write a PNG: the first 12 crops of the first --data folder, "
                                                   "then each variant's reconstructions of them (first seed)")
     args = parser.parse_args()
@@ -112,7 +123,7 @@ def main() -> None:
     rows, grid_rows = [], [next(iter(held_out.values()))[:12]]
     for variant in args.variants:
         for seed in args.seeds:
-            model, wall = train(variant, args.steps, seed, photos)
+            model, wall = train(variant, args.steps, seed, photos, args.lr, args.warmup)
             for position, (name, crops) in enumerate(held_out.items()):
                 with torch.no_grad():
                     reconstruction = reconstruct(model, crops).clamp(-1, 1)
@@ -126,7 +137,7 @@ def main() -> None:
         save_image(torch.cat(grid_rows).add(1).div(2), args.grid, nrow=len(grid_rows[0]), padding=2, pad_value=1.0)
     print("\n".join(common.machine_description(torch.device("cpu"))))
     print("command: python " + " ".join(sys.argv))
-    print(f"{args.steps} steps per run\n")
+    print(f"{args.steps} steps per run, Adam at {args.lr:g} after {args.warmup} warm-up steps\n")
     print(common.markdown_table(["variant", "seed", "train s", "photos", "PSNR dB", "mean colour error R, G, B",
                                  "PSNR, mean colour corrected", "cell colour R²: luma, red–green, yellow–blue"],
                                 rows))

@@ -1,8 +1,9 @@
 """Run configuration: typed dataclasses loaded from YAML, with dotted ``key=value`` overrides.
 
-The dataclass defaults are the no-argument quickstart (``tiny-kl-f4`` on the embedded sample
-photos, CPU-sized). Recipes in ``configs/`` override them; every field is documented in
-README.md ("Configuration reference").
+The dataclass defaults are a small CPU-sized KL run (``tiny-kl-f4`` on the embedded sample photos);
+a run without ``--config`` adds ``QUICKSTART`` to them (``configs/quickstart.yaml`` holds the same
+values). Recipes in ``configs/`` override the defaults; every field is documented in README.md
+("Configuration reference").
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import difflib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 from omegaconf import OmegaConf
@@ -20,6 +21,24 @@ from omegaconf.errors import OmegaConfBaseException
 
 from .errors import ConfigError, check_choice, check_finite, check_positive
 from .presets import REGULARIZER_KINDS, check_preset, check_student_preset, preset_kind
+
+# A run without --config (the bare `latent-vae train`, or one with overrides only): the defaults plus these.
+# tiny-kl-f4's GroupNorm keeps it tinted within a CPU demo's budget, where the norm-free TAESD design started
+# as a low-pass autoencoder returns colours right; at half the KL run's learning rate, after a short warm-up,
+# training keeps them and adds detail (docs/BENCHMARKS.md, "Quickstart").
+QUICKSTART = ("model.preset=tiny-taesd-f4", "model.init=lowpass", "regularizer.kind=none",
+              "train.max_steps=400", "train.learning_rate=1.25e-4", "train.lr_warmup_steps=40")
+# The quickstart's model lines, which overrides naming a model of their own replace.
+MODEL_KEYS = ("model.preset", "model.pretrained", "model.init", "regularizer.kind")
+
+
+def quickstart_overrides(overrides: Sequence[str]) -> List[str]:
+    """The overrides of a run without ``--config``: ``QUICKSTART`` then ``overrides``, without the
+    quickstart's model lines when ``overrides`` name a model (``latent-vae train model.pretrained=...``
+    fine-tunes that model with its own regulariser, not the quickstart's AutoencoderTiny settings)."""
+    own_model = any(entry.split("=", 1)[0].strip() in MODEL_KEYS for entry in overrides)
+    base = [entry for entry in QUICKSTART if not (own_model and entry.split("=", 1)[0] in MODEL_KEYS)]
+    return [*base, *overrides]
 
 
 @dataclass
@@ -30,11 +49,15 @@ class ModelConfig:
     config: Dict[str, Any] = field(default_factory=dict)
     trainable: str = "all"
     gradient_checkpointing: bool = False
+    # lowpass (AutoencoderTiny presets): start as "average each latent cell's pixels, repeat them back",
+    # colours exact from step 0 (``models.init``); default: the class's own random initialisation.
+    init: str = "default"
     # A recipe made for one class of model (the SD decoder fine-tunes: AutoencoderKL) refuses another.
     pretrained_class: Optional[str] = None
 
     def __post_init__(self) -> None:
         check_choice("model.trainable", self.trainable, ("all", "decoder"))
+        check_choice("model.init", self.init, ("default", "lowpass"))
         if self.pretrained_class is not None:
             check_choice("model.pretrained_class", self.pretrained_class, ("AutoencoderKL", "VQModel"))
         if not self.pretrained:
@@ -273,9 +296,10 @@ def _check_scales(name: str, scales: List[float], allow_empty: bool) -> None:
 
 @dataclass
 class RegularizerConfig:
-    """What shapes the latent space: ``kind`` kl (an AutoencoderKL) or vq (a VQModel), and its settings.
-    Only the section of ``kind`` is used; the kind must match the model's class. The diffusability
-    sections (``scale_equivariance``, ``eq_vae``, ``vf``) apply to either kind."""
+    """What shapes the latent space: ``kind`` kl (an AutoencoderKL), vq (a VQModel) or none (an
+    AutoencoderTiny: deterministic latents), and its settings. Only the section of ``kind`` is used; the
+    kind must match the model's class. The diffusability sections (``scale_equivariance``, ``eq_vae``,
+    ``vf``) apply to every kind."""
 
     kind: str = "kl"
     kl: KLConfig = field(default_factory=KLConfig)
@@ -409,18 +433,35 @@ class Config:
     distill: DistillConfig = field(default_factory=DistillConfig)
 
     def __post_init__(self) -> None:
-        if not self.model.pretrained:  # a pretrained model's class is checked when it is loaded
-            check_regularizer_kind(self.regularizer.kind, preset_kind(self.model.preset), f"model.preset={self.model.preset}")
+        model = self.model
+        if model.pretrained and model.init != "default":
+            raise ConfigError(f"model.init={model.init} initialises a preset trained from scratch; model.pretrained="
+                              f"{model.pretrained} starts from its own weights: set model.init=default")
+        if not model.pretrained:  # a pretrained model's class is checked when it is loaded
+            kind = preset_kind(model.preset)
+            wrong = {}  # key: (its value, the value this preset needs)
+            if self.regularizer.kind != kind:
+                wrong["regularizer.kind"] = (self.regularizer.kind, kind)
+            if model.init == "lowpass" and kind != "none":
+                wrong["model.init"] = ("lowpass (AutoencoderTiny presets only)", "default")
+            if wrong:
+                found = " and ".join(f"{key}={value}" for key, (value, _) in wrong.items())
+                fix = " ".join(f"{key}={needed}" for key, (_, needed) in wrong.items())
+                raise ConfigError(f"model.preset={model.preset} is {describe_kind(kind)} but {found}; set {fix}")
         if self.regularizer.vf.weight > 0 and self.model.trainable == "decoder":
             raise ConfigError("regularizer.vf aligns the encoder's latents, which model.trainable=decoder freezes: "
                               "set model.trainable=all, or regularizer.vf.weight=0")
 
 
+def describe_kind(kind: str) -> str:
+    return "an AutoencoderTiny (no latent regulariser)" if kind == "none" else f"a {kind.upper()} model"
+
+
 def check_regularizer_kind(configured: str, model_kind: str, what: str) -> None:
-    """KL vs VQ is explicit: ``regularizer.kind`` must name the model's own regulariser."""
+    """KL vs VQ vs none is explicit: ``regularizer.kind`` must name the model's own regulariser."""
     if configured != model_kind:
-        raise ConfigError(f"{what} is a {model_kind.upper()} model but "
-                          f"regularizer.kind={configured}; set regularizer.kind={model_kind}")
+        raise ConfigError(f"{what} is {describe_kind(model_kind)} but regularizer.kind={configured}; "
+                          f"set regularizer.kind={model_kind}")
 
 
 # Keys of the flat ``loss:``/``quantizer:`` sections before the sections mirrored the loss classes.

@@ -11,6 +11,11 @@ import math
 from typing import Any, Iterable
 
 
+def with_article(name: str) -> str:
+    """``a VQModel``, ``an AutoencoderTiny``: a class name in a message."""
+    return f"{'an' if name[:1].upper() in 'AEIOU' else 'a'} {name}"
+
+
 class ConfigError(ValueError):
     """A bad configuration or option; the message names the offending key and how to fix it."""
 

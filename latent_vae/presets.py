@@ -1,9 +1,9 @@
 """Architecture presets on the stock diffusers classes (ground floor: imports nothing from latent_vae
 but errors).
 
-Every preset is a set of constructor arguments for ``diffusers.AutoencoderKL``, ``diffusers.VQModel`` or (the
-distillation students) ``diffusers.AutoencoderTiny``: what we train is exactly what users load later with
-``from_pretrained``. Sources of the numbers are given per preset.
+Every preset is a set of constructor arguments for ``diffusers.AutoencoderKL``, ``diffusers.VQModel`` or
+``diffusers.AutoencoderTiny`` (trained from scratch, or as a distillation student): what we train is exactly
+what users load later with ``from_pretrained``. Sources of the numbers are given per preset.
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ from diffusers import AutoencoderKL, AutoencoderTiny, VQModel
 
 from .errors import ConfigError
 
-# The latent regularisers: KL for AutoencoderKL, VQ for VQModel.
-REGULARIZER_KINDS = ("kl", "vq")
+# The latent regularisers: KL for AutoencoderKL, VQ for VQModel, none for AutoencoderTiny (TAESD's design:
+# a deterministic encoder, nothing to regularise).
+REGULARIZER_KINDS = ("kl", "vq", "none")
 
 
 def _blocks(levels: int, attention_last: bool = False) -> Dict[str, tuple]:
@@ -80,6 +81,13 @@ PRESETS: Dict[str, Preset] = {
         "f4, 8 channels, ~0.25M parameters: the CPU quickstart (measured in docs/BENCHMARKS.md: tiny-kl's f8 "
         "latent stays near 15 dB on held-out photos within a CPU-minutes budget; f4 learns several times faster)",
     ),
+    "tiny-taesd-f4": Preset(
+        AutoencoderTiny,
+        dict(encoder_block_out_channels=(32, 32, 32), decoder_block_out_channels=(32, 32, 32),
+             num_encoder_blocks=(1, 2, 2), num_decoder_blocks=(2, 2, 1), latent_channels=8),
+        "TAESD's norm-free design at f4, width 32, 8 channels, ~0.32M parameters: the CPU quickstart (measured in "
+        "docs/BENCHMARKS.md: without GroupNorm it learns colour where tiny-kl-f4 stays tinted)",
+    ),
     "vq-f4": Preset(
         VQModel,
         dict(**_blocks(3), block_out_channels=(128, 256, 512), layers_per_block=2,
@@ -124,9 +132,13 @@ def check_preset(name: str) -> Preset:
     return _find(PRESETS, name, "model.preset")
 
 
+def class_kind(cls: type) -> str:
+    """``kl``, ``vq`` or ``none``: the regulariser a model class trains with."""
+    return {VQModel: "vq", AutoencoderTiny: "none"}.get(cls, "kl")
+
+
 def preset_kind(name: str) -> str:
-    """``kl`` or ``vq``: the regulariser a preset's model class trains with."""
-    return "vq" if check_preset(name).cls is VQModel else "kl"
+    return class_kind(check_preset(name).cls)
 
 
 # --------------------------------------------------------------------------- distillation students

@@ -37,6 +37,16 @@ def fast_config(*overrides: str):
     return load_config(None, [*FAST, *overrides])
 
 
+def trained_run(tmp_path_factory, name: str, *overrides: str) -> tuple:
+    """``load_config(None, overrides)`` trained into a fresh folder: (the folder, its ``RunSummary``)."""
+    from latent_vae.train.loop import train
+
+    out = tmp_path_factory.mktemp(name)
+    summary = train(load_config(None, list(overrides)), out)
+    reset_accelerate()
+    return out, summary
+
+
 @pytest.fixture
 def make_config():
     return fast_config

@@ -1,5 +1,6 @@
 """The command line: complete help, clear one-line errors, the quickstart path."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -70,8 +71,9 @@ def test_unwritable_output_directory_fails_before_training(tmp_path, capsys):
 
 def test_quickstart_command_trains_and_exports(tmp_path, capsys):
     assert main(["train", "--output-dir", str(tmp_path), *FAST, "train.max_steps=3"]) == 0
-    assert "model in" in capsys.readouterr().out
-    assert (tmp_path / "model" / "config.json").is_file()
+    out = capsys.readouterr().out
+    assert "model in" in out and 'AutoencoderTiny.from_pretrained("' in out  # the quickstart's model
+    assert json.loads((tmp_path / "model" / "config.json").read_text())["_class_name"] == "AutoencoderTiny"
     # Overrides make it a configured run, not the bare quickstart: missing LPIPS weights would stop it.
     assert "perceptual_if_unavailable: error" in (tmp_path / "config.yaml").read_text()
 

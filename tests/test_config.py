@@ -5,13 +5,44 @@ from pathlib import Path
 
 import pytest
 
-from latent_vae.config import CONFIG_DIR, Config, ConfigError, config_to_dict, load_config
+from latent_vae.config import (
+    CONFIG_DIR,
+    QUICKSTART,
+    Config,
+    ConfigError,
+    config_to_dict,
+    load_config,
+    quickstart_overrides,
+)
 
 RECIPES = sorted(CONFIG_DIR.glob("*.yaml"))
 
 
-def test_defaults_are_the_quickstart_recipe():
-    assert config_to_dict(load_config(CONFIG_DIR / "quickstart.yaml")) == config_to_dict(Config())
+def test_the_quickstart_recipe_is_the_defaults_plus_the_quickstart_model():
+    quickstart = config_to_dict(load_config(CONFIG_DIR / "quickstart.yaml"))
+    assert quickstart == config_to_dict(load_config(None, list(QUICKSTART)))
+    defaults = config_to_dict(Config())
+    changed = {f"{section}.{key}" for section in defaults for key in defaults[section]
+               if defaults[section][key] != quickstart[section][key]}
+    assert changed == {entry.split("=")[0] for entry in QUICKSTART}
+
+
+def test_overrides_naming_a_model_replace_the_quickstarts_model_lines():
+    kl = load_config(None, quickstart_overrides(["model.preset=kl-f8"]))
+    assert (kl.model.preset, kl.model.init, kl.regularizer.kind, kl.train.max_steps) == ("kl-f8", "default", "kl", 400)
+    tuned = load_config(None, quickstart_overrides(["model.pretrained=some/vae"]))
+    assert (tuned.model.init, tuned.regularizer.kind) == ("default", "kl")
+    assert load_config(None, quickstart_overrides(["data.path=photos"])).model.preset == "tiny-taesd-f4"
+
+
+def test_a_model_and_its_settings_that_disagree_name_every_fix():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [*QUICKSTART, "model.preset=kl-f8"])
+    assert str(err.value) == ("model.preset=kl-f8 is a KL model but regularizer.kind=none and "
+                              "model.init=lowpass (AutoencoderTiny presets only); "
+                              "set regularizer.kind=kl model.init=default")
+    with pytest.raises(ConfigError, match="set model.init=default"):
+        load_config(None, ["model.init=lowpass", "model.pretrained=some/vae"])
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])

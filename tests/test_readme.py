@@ -17,3 +17,10 @@ def test_quickstart_has_exactly_two_commands_and_ci_runs_the_second():
     assert train == "pip install -e . && latent-vae train"
     ci = (ROOT / ".ci" / "run").read_text()
     assert test in ci.splitlines()
+
+
+def test_the_configuration_reference_states_what_a_run_without_config_adds():
+    from latent_vae.config import QUICKSTART
+
+    reference = " ".join((ROOT / "README.md").read_text().split("## Configuration reference", 1)[1].split())
+    assert " ".join(QUICKSTART) in reference

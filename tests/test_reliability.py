@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import fast_config, reset_accelerate
+from conftest import FAST, fast_config, reset_accelerate
 from test_training import all_tensors
 
+from latent_vae.config import load_config, quickstart_overrides
 from latent_vae.data.datasets import TrainDataset
 from latent_vae.errors import CheckpointError, TrainingError
 from latent_vae.seeding import derive_seed
@@ -80,10 +81,15 @@ def start_child(tmp_path: Path, mode: str, pause_step: int, out: Path, *override
     return process, marker
 
 
+def child_config():
+    """What the child's `latent-vae train` (no --config) runs: the quickstart's model with these overrides."""
+    return load_config(None, quickstart_overrides([*FAST, *COMMON]))
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     out = tmp_path_factory.mktemp("uninterrupted")
-    train(fast_config(*COMMON), out)
+    train(child_config(), out)
     reset_accelerate()
     return all_tensors(ckpt.list_checkpoints(out / "checkpoints")[-1])
 
@@ -102,7 +108,7 @@ def test_sigkill_anywhere_then_resume_gives_identical_weights(tmp_path, referenc
     assert [int(p.name.split("-")[1]) for p in complete][-1] == newest_complete
     if mode == "in-checkpoint-write":
         assert list((out / "checkpoints").glob(".tmp-*")), "the half-written checkpoint is left aside, not used"
-    summary = train(fast_config(*COMMON), out, resume="latest")
+    summary = train(child_config(), out, resume="latest")
     assert summary.steps == 8
     resumed = all_tensors(ckpt.list_checkpoints(out / "checkpoints")[-1])
     assert resumed.keys() == reference.keys()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import fast_config, reset_accelerate, run_python
+from conftest import fast_config, reset_accelerate, run_python, trained_run
 
 from latent_vae.config import ModelConfig, load_config
 from latent_vae.data.datasets import ValidationDataset
@@ -19,18 +19,14 @@ from latent_vae.train.loop import train
 
 
 @pytest.fixture(scope="module")
-def quickstart_run(tmp_path_factory):
-    """The quickstart recipe, shortened to 250 steps (~1 min on 2 CPU cores), GAN on from step 150."""
-    out = tmp_path_factory.mktemp("quickstart")
-    config = load_config(None, ["train.max_steps=250", "gan.start=150", "train.val_every=250",
-                                "train.checkpoint_every=1000", "reconstruction.perceptual_weight=0", "logging.image_every=125"])
-    summary = train(config, out)
-    reset_accelerate()
-    return out, summary
+def kl_run(tmp_path_factory):
+    """The default KL recipe (tiny-kl-f4, the dataclass defaults), 250 steps (~1 min on 2 cores), GAN from 150."""
+    return trained_run(tmp_path_factory, "kl", "train.max_steps=250", "gan.start=150", "train.val_every=250",
+                       "train.checkpoint_every=1000", "reconstruction.perceptual_weight=0", "logging.image_every=125")
 
 
-def test_validation_psnr_rises_on_real_photos(quickstart_run):
-    _, summary = quickstart_run
+def test_validation_psnr_rises_on_real_photos(kl_run):
+    _, summary = kl_run
     before, after = summary.initial_val_metrics["psnr"], summary.val_metrics["psnr"]
     print(f"validation PSNR {before:.2f} dB -> {after:.2f} dB, SSIM "
           f"{summary.initial_val_metrics['ssim']:.3f} -> {summary.val_metrics['ssim']:.3f}")
@@ -52,8 +48,8 @@ print("scaling_factor", model.config.scaling_factor)
 """
 
 
-def test_exported_model_loads_in_plain_diffusers_with_bit_identical_outputs(quickstart_run, tmp_path):
-    out, summary = quickstart_run
+def test_exported_model_loads_in_plain_diffusers_with_bit_identical_outputs(kl_run, tmp_path):
+    out, summary = kl_run
     model_dir = out / "model"
     assert summary.model_dir == model_dir and (model_dir / "diffusion_pytorch_model.safetensors").is_file()
     _, val = sample_photo_sources()
@@ -64,7 +60,7 @@ def test_exported_model_loads_in_plain_diffusers_with_bit_identical_outputs(quic
     stock = torch.load(tmp_path / "stock.pt")
 
     # In process: the EMA weights of the final checkpoint in our preset-built model.
-    vae = build_autoencoder(ModelConfig()).eval()  # the quickstart's preset
+    vae = build_autoencoder(ModelConfig()).eval()  # the default preset
     ema = load_tensors(list_checkpoints(out / "checkpoints")[-1] / "ema.safetensors")
     vae.load_state_dict({k[len("shadow."):]: v for k, v in ema.items() if k.startswith("shadow.")})
     with torch.no_grad():
@@ -74,8 +70,8 @@ def test_exported_model_loads_in_plain_diffusers_with_bit_identical_outputs(quic
     assert scaling != 1.0 and 0.05 < scaling < 20  # 1/std of the trained latents, not the preset's placeholder
 
 
-def test_run_directory_logs_and_model_card(quickstart_run):
-    out, summary = quickstart_run
+def test_run_directory_logs_and_model_card(kl_run):
+    out, summary = kl_run
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(next((out / "logs").rglob("events.out.tfevents.*")).parent))
@@ -196,13 +192,13 @@ def test_no_gradient_leaks_between_the_two_optimisers(tmp_path, monkeypatch):
     assert not all(torch.equal(x, y) for x, y in zip(d_a, d_c))
 
 
-def test_decoder_only_finetune_freezes_the_latent_space_and_improves_reconstructions(quickstart_run, tmp_path):
+def test_decoder_only_finetune_freezes_the_latent_space_and_improves_reconstructions(kl_run, tmp_path):
     """Start from the trained quickstart model with a fresh (random) decoder: fine-tuning the
     decoder alone recovers the reconstructions, and the encoder — the latent space — never moves."""
-    out, _ = quickstart_run
+    out, _ = kl_run
     start = load_autoencoder(str(out / "model"))
     torch.manual_seed(1)
-    fresh = build_autoencoder(ModelConfig())  # the quickstart's preset
+    fresh = build_autoencoder(ModelConfig())  # the default preset
     start.decoder.load_state_dict(fresh.decoder.state_dict())
     start.post_quant_conv.load_state_dict(fresh.post_quant_conv.state_dict())
     start.save_pretrained(tmp_path / "start")

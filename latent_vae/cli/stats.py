@@ -18,8 +18,9 @@ Pipelines use them as follows: SD 1.x/2.x/SDXL: z * scaling_factor; SD3/FLUX:
 (z - shift_factor) * scaling_factor; SDXL-family pipelines when latents_mean/latents_std are
 set: (z - latents_mean) * scaling_factor / latents_std — hence scaling_factor 1.0 with the
 per-channel fields (writing both sets would scale twice there). Both sets are always saved in
-LATENTS/latent_stats.json. VQModel configs only have scaling_factor: --write-to a VQModel takes
---fields global (scaling_factor only); --fields per-channel is refused.
+LATENTS/latent_stats.json. VQModel configs only have scaling_factor, AutoencoderTiny configs
+scaling_factor and shift_factor: --write-to either takes --fields global (those keys only);
+--fields per-channel is refused.
 
 examples:
   latent-vae stats --latents latents/

@@ -6,12 +6,16 @@ import argparse
 import json
 from pathlib import Path
 
-HELP = "train a KL or VQ autoencoder (default: the tiny CPU quickstart on sample photos)"
+HELP = "train a KL, VQ or tiny (TAESD-style) autoencoder (default: the tiny CPU quickstart on sample photos)"
 DESCRIPTION = """\
 Train an autoencoder from a YAML recipe plus dotted key=value overrides.
 
-With no arguments, trains the tiny-kl-f4 quickstart on photographs bundled with
-scikit-image and matplotlib (CPU, about 3 minutes) into runs/quickstart.
+With no arguments, trains the quickstart on photographs bundled with scikit-image and
+matplotlib (CPU, about 3 minutes) into runs/quickstart: tiny-taesd-f4, a 0.3 M-parameter
+stock AutoencoderTiny started as a low-pass autoencoder (model.init=lowpass). Without
+--config, overrides apply on top of the quickstart (configs/quickstart.yaml); overrides that
+name a model (model.preset, model.pretrained, model.init or regularizer.kind) replace its
+model lines, so `latent-vae train model.pretrained=DIR` fine-tunes DIR as a KL model.
 
 examples:
   latent-vae train
@@ -22,7 +26,7 @@ examples:
 
 The run directory holds config.yaml (resolved recipe), checkpoints/, logs/ (TensorBoard),
 samples/ (reconstruction grids), train.log, skipped_inputs.txt, summary.json, and model/:
-a stock diffusers folder (AutoencoderKL.from_pretrained / VQModel.from_pretrained).
+a stock diffusers folder (AutoencoderKL / VQModel / AutoencoderTiny .from_pretrained).
 
 Graceful stop: SIGTERM or SIGINT (Ctrl-C) finish the current step, write a checkpoint and
 exit 0; continue with --resume latest.
@@ -31,7 +35,7 @@ exit 0; continue with --resume latest.
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="recipe YAML, or a recipe name from configs/ (e.g. kl-f8); "
-                        "default: the tiny-kl-f4 quickstart (or the run's config.yaml when resuming)")
+                        "default: the tiny-taesd-f4 quickstart (or the run's config.yaml when resuming)")
     parser.add_argument("--output-dir", type=Path,
                         help="run directory (default: runs/<recipe name>, runs/quickstart without --config)")
     parser.add_argument("--resume", metavar="latest|auto|PATH",
@@ -48,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..config import load_config
+    from ..config import load_config, quickstart_overrides
     from ..errors import TrainingError
     from ..train.loop import train
 
@@ -61,6 +65,8 @@ def run(args: argparse.Namespace) -> int:
         # Only the bare quickstart must run offline as it is: without LPIPS weights it trains (and logs)
         # without them. Any run the user configured stops before its first step, naming the fix.
         overrides.insert(0, "reconstruction.perceptual_if_unavailable=disable")
+    if config_path is None:
+        overrides = quickstart_overrides(overrides)
     config = load_config(config_path, overrides)
     try:
         summary = train(config, output_dir, resume=args.resume, overwrite=args.overwrite,

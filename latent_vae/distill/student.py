@@ -31,6 +31,7 @@ from ..losses.base import RegularizerOutput, reduce_elements
 from ..models.loading import load_autoencoder
 from ..models.stock import (
     count_parameters,
+    decoder_output_weight,
     downsample_factor,
     from_diffusion_latents,
     is_tiny,
@@ -162,7 +163,7 @@ class DistillStudent(nn.Module):
     @property
     def last_layer(self) -> torch.Tensor:
         """The decoder's output convolution: where the adaptive GAN weight is measured."""
-        return self.vae.decoder.layers[-1].weight
+        return decoder_output_weight(self.vae)
 
     def trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.vae.parameters() if p.requires_grad)

@@ -7,7 +7,7 @@ from typing import Dict, Optional, Sequence
 import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-from ..models.stock import Autoencoder, encoder_output, is_vq, latents_to_indices, to_diffusion_latents
+from ..models.stock import Autoencoder, encoder_output, is_tiny, is_vq, latents_to_indices, to_diffusion_latents
 from ..runtime import _CompiledOrEager, run_with_fp32_fallback
 from ..seeding import seeded_normal
 from .preprocess import to_model_input
@@ -17,7 +17,8 @@ class LatentEncoder:
     """Images -> latents exactly as stock diffusers computes them, through the fast paths.
 
     Returns fp32 CPU tensors: ``latent`` (posterior mean, or a posterior sample for
-    ``latent="sample"``; for VQ the pre-quantisation latent ``VQModel.encode(x).latents``),
+    ``latent="sample"``; for VQ the pre-quantisation latent ``VQModel.encode(x).latents``; for an
+    AutoencoderTiny its deterministic ``encode(x).latents``),
     ``logvar`` (``mean_logvar``), ``tokens`` (VQ: ``latents_to_indices`` of the same latents), and
     with ``diffusion_input`` ``model_input``: ``latent`` as a diffusion pipeline built on the model
     sees it (``models.stock.to_diffusion_latents``: shift, then scaling factor, from the config).
@@ -31,7 +32,7 @@ class LatentEncoder:
                  diffusion_input: bool = False):
         self.model, self.latent, self.precision = model.eval().requires_grad_(False), latent, precision
         self.diffusion_input = diffusion_input
-        self.vq, self.channels_last, self.fp32_retries = is_vq(model), channels_last, 0
+        self.vq, self.tiny, self.channels_last, self.fp32_retries = is_vq(model), is_tiny(model), channels_last, 0
         self.device = next(model.parameters()).device
         if channels_last:
             model.to(memory_format=torch.channels_last)
@@ -43,7 +44,7 @@ class LatentEncoder:
         return getattr(self._forward, "failure", None)
 
     def _moments(self, images: torch.Tensor) -> torch.Tensor:
-        """Posterior parameters (KL, mean and log-variance stacked as diffusers does) or latents (VQ)."""
+        """Posterior parameters (KL, mean and log-variance stacked as diffusers does) or latents (VQ, tiny)."""
         return encoder_output(self.model, images)
 
     @torch.no_grad()
@@ -57,6 +58,8 @@ class LatentEncoder:
         if self.vq:
             out = {"latent": moments, "tokens": latents_to_indices(self.model, moments)}
             return self._with_diffusion_input(out)
+        if self.tiny:
+            return self._with_diffusion_input({"latent": moments})
         posterior = DiagonalGaussianDistribution(moments)
         out = {"latent": posterior.mean}
         if self.latent == "mean_logvar":

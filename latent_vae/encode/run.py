@@ -43,7 +43,7 @@ from ..data.streams import StreamSource, open_stream, split_shards
 from ..distributed import make_accelerator
 from ..errors import ConfigError, DataError
 from ..models.loading import load_autoencoder
-from ..models.stock import Autoencoder, downsample_factor, is_vq, latent_channels
+from ..models.stock import Autoencoder, downsample_factor, is_tiny, is_vq, latent_channels
 from ..models.tiling import configure_tiling
 from ..runtime import (atomic_write_bytes, atomic_write_json, configure_cpu_threads, fsync_path, resolve_precision,
                        try_lock)
@@ -110,7 +110,7 @@ def _load_inputs(model: Union[str, Path, Autoencoder], data: Union[str, Path, Im
     """The model (tiled if asked) and the image source (or sharded input), checked against the
     options before anything is written."""
     vae = load_autoencoder(str(model), subfolder=opts.subfolder) if isinstance(model, (str, Path)) else model
-    if is_vq(vae) and opts.latent != "mean":
+    if (is_vq(vae) or is_tiny(vae)) and opts.latent != "mean":
         raise ConfigError(f"--latent {opts.latent} needs a KL posterior; {type(vae).__name__} has none: "
                           "use --latent mean")
     factor = downsample_factor(vae)
@@ -146,7 +146,7 @@ def encode_dataset(model: Union[str, Path, Autoencoder], data: Union[str, Path, 
                    output_dir: Union[str, Path], **options: Any) -> EncodeSummary:
     """Encode every image of ``data`` into a ``datasets`` directory at ``output_dir``.
 
-    ``model``: a diffusers folder, hub id, or an ``AutoencoderKL``/``VQModel`` instance.
+    ``model``: a diffusers folder, hub id, or an ``AutoencoderKL``/``VQModel``/``AutoencoderTiny`` instance.
     ``data``: an image folder, a ``save_to_disk`` dataset, a hub dataset name, an ``ImageSource``,
     or None (the bundled sample photos). ``options``: fields of ``EncodeOptions``.
     Run under ``accelerate launch``/``torchrun`` for several processes; every process returns

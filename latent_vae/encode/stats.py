@@ -20,7 +20,7 @@ from typing import Any, Dict, Iterator, List, Union
 
 import numpy as np
 
-from ..errors import ConfigError, check_choice
+from ..errors import ConfigError, check_choice, with_article
 from ..models.checks import read_json_config
 from ..runtime import atomic_write_bytes
 from .decode import load_latent_dataset, stored_dtype
@@ -129,13 +129,19 @@ def compute_latent_statistics(latents_dir: Union[str, Path], column: str = "late
     return latent_statistics(dataset, stored_dtype(config), column, batch_size, progress)
 
 
+# The statistics keys a class's config has, where it lacks some (AutoencoderKL has them all): VQModel only
+# scaling_factor (``LDMPipeline`` reads nothing else), AutoencoderTiny no per-channel fields.
+CLASS_KEYS = {"VQModel": ("scaling_factor",), "AutoencoderTiny": ("scaling_factor", "shift_factor")}
+
+
 def check_fields(fields: str, class_name: str, model_dir: Union[str, Path]) -> None:
-    """``fields`` must be ones the model's class has: a VQModel's config holds only ``scaling_factor``
-    (``LDMPipeline`` reads nothing else), so per-channel statistics cannot be written to it."""
+    """``fields`` must be ones the model's class has: per-channel statistics cannot be written to a
+    VQModel or an AutoencoderTiny (``CLASS_KEYS``)."""
     check_choice("--fields", fields, FIELD_SETS)
-    if class_name == "VQModel" and fields == "per-channel":
-        raise ConfigError(f"--fields per-channel: {model_dir} is a VQModel, whose config has no latents_mean/"
-                          "latents_std (LDMPipeline applies only scaling_factor); use --fields global")
+    if class_name in CLASS_KEYS and fields == "per-channel":
+        applied = " and ".join(CLASS_KEYS[class_name])
+        raise ConfigError(f"--fields per-channel: {model_dir} is {with_article(class_name)}, whose config has no "
+                          f"latents_mean/latents_std (its pipelines apply only {applied}); use --fields global")
 
 
 def read_model_config(model_dir: Union[str, Path]) -> Dict[str, Any]:
@@ -154,13 +160,14 @@ def check_write_target(model_dir: Union[str, Path], fields: str) -> None:
 def config_updates(stats: LatentStatistics, fields: str, class_name: str) -> Dict[str, Any]:
     """The config keys ``fields`` sets (see the module docstring for the conventions)."""
     check_fields(fields, class_name, class_name)
-    if class_name == "VQModel":  # VQModel's config has no shift or per-channel fields
-        return {"scaling_factor": stats.scaling_factor}
     per_channel = {"latents_mean": stats.channel_mean, "latents_std": stats.channel_std}
     scale = {"scaling_factor": stats.scaling_factor, "shift_factor": stats.shift_factor}
     if fields == "global":
-        return {**scale, "latents_mean": None, "latents_std": None}
-    return {**per_channel, "scaling_factor": 1.0, "shift_factor": None}
+        updates = {**scale, "latents_mean": None, "latents_std": None}
+    else:
+        updates = {**per_channel, "scaling_factor": 1.0, "shift_factor": None}
+    keys = CLASS_KEYS.get(class_name)
+    return updates if keys is None else {key: value for key, value in updates.items() if key in keys}
 
 
 def write_to_model_config(model_dir: Union[str, Path], stats: LatentStatistics,

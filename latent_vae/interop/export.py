@@ -13,7 +13,15 @@ import yaml
 
 from ..data.sources import SAMPLE_PHOTOS_NAME
 from ..models.loading import is_hub_id
-from ..models.stock import Autoencoder, count_parameters, downsample_factor, is_vq, latent_channels, training_latents
+from ..models.stock import (
+    Autoencoder,
+    count_parameters,
+    downsample_factor,
+    is_tiny,
+    is_vq,
+    latent_channels,
+    training_latents,
+)
 from ..models.tiling import DEFAULT_TILE_SIZE
 from ..runtime import atomic_write, replace_dir
 
@@ -36,7 +44,7 @@ def compute_scaling_factor(model: Autoencoder, batches: Iterable[torch.Tensor], 
     return float(1.0 / max(variance, 1e-12) ** 0.5)
 
 
-def set_tile_size(model: Autoencoder, resolution: int) -> int:
+def set_tile_size(model: Autoencoder, resolution: int) -> Optional[int]:
     """Set ``config.sample_size``, the tile size of stock ``enable_tiling()``, and return it.
 
     diffusers' default of 32 makes stock tiling cut a 256² image into 32-pixel tiles, each normalised
@@ -44,8 +52,11 @@ def set_tile_size(model: Autoencoder, resolution: int) -> int:
     the largest of 512 px (SD 1.x's own VAE config, and ``models.tiling``'s default), the training
     resolution and a fine-tuned model's own value, rounded up to a multiple of 4 × the downsampling
     factor so that diffusers' 25% tile overlap is a whole number of latents (see ``models.tiling``).
-    Images up to that size are decoded whole, exactly as untiled.
+    Images up to that size are decoded whole, exactly as untiled. An AutoencoderTiny has no such key
+    (None is returned).
     """
+    if is_tiny(model):  # no sample_size: diffusers' AutoencoderTiny tiles at a fixed 512 px and has no norms
+        return None
     current = model.config.sample_size
     current = max(current) if isinstance(current, (list, tuple)) else int(current or 0)
     factor = downsample_factor(model)
@@ -83,7 +94,7 @@ def card_metadata(model: Autoencoder, recipe: Dict, license_id: str) -> Dict:
         "library_name": "diffusers",
         "license": license_id,
         "tags": ["diffusers", "autoencoder", "latent-diffusion", type(model).__name__,
-                 "vq-vae" if vq else "vae", "latent_vae"],
+                 "vq-vae" if vq else "taesd" if is_tiny(model) else "vae", "latent_vae"],
     }
     pretrained = recipe.get("model", {}).get("pretrained")
     if pretrained and is_hub_id(pretrained):
@@ -98,6 +109,8 @@ def card_metadata(model: Autoencoder, recipe: Dict, license_id: str) -> Dict:
 def architecture_lines(model: Autoencoder) -> List[str]:
     """The architecture as the model's own config states it (a fine-tune's is its base model's, not a preset)."""
     config = model.config
+    if is_tiny(model):
+        return tiny_architecture_lines(model)
     attention = [i for i, block in enumerate(config.down_block_types) if block.startswith("Attn")]
     lines = [
         f"- class: `diffusers.{type(model).__name__}`, {count_parameters(model):,} parameters",
@@ -111,6 +124,22 @@ def architecture_lines(model: Autoencoder) -> List[str]:
     ]
     if is_vq(model):
         lines.append(f"- codebook: {config.num_vq_embeddings} codes of dim {latent_channels(model)}")
+    return lines
+
+
+def tiny_architecture_lines(model: Autoencoder) -> List[str]:
+    config, factor = model.config, downsample_factor(model)
+    lines = [
+        f"- class: `diffusers.{type(model).__name__}` (TAESD's design: no normalisation, deterministic latents), "
+        f"{count_parameters(model):,} parameters",
+        f"- downsampling factor {factor}, {latent_channels(model)} latent channels",
+        f"- widths: encoder {list(config.encoder_block_out_channels)} with blocks {list(config.num_encoder_blocks)}, "
+        f"decoder {list(config.decoder_block_out_channels)} with blocks {list(config.num_decoder_blocks)}",
+        f"- scaling_factor {config.scaling_factor:.6g}, shift_factor {config.shift_factor:.6g}",
+    ]
+    if factor != 8:  # AutoencoderTiny computes its tile geometry for f8 (2 ** out_channels)
+        lines.append(f"- decode whole images: diffusers' `enable_tiling()` for AutoencoderTiny assumes f8, "
+                     f"this model is f{factor}")
     return lines
 
 
@@ -136,6 +165,8 @@ def loss_lines(recipe: Dict) -> List[str]:
         kl = regularizer.get("kl", {})
         lines.append(f"- KL weight {kl.get('weight')} ({kl.get('schedule')} schedule"
                      + (f", free bits {kl.get('free_bits')}" if kl.get("free_bits") else "") + ")")
+    elif kind == "none":
+        lines.append("- latent regulariser: none (deterministic AutoencoderTiny latents)")
     elif kind == "vq":
         vq = regularizer.get("vq", {})
         lines.append(f"- VQ codebook loss weight {vq.get('weight')}, commitment β {vq.get('beta')}"
@@ -167,7 +198,8 @@ def render_model_card(model: Autoencoder, recipe: Dict, steps: int, metrics: Dic
                                                              if model_cfg.get("subfolder") else "")
                      + f", trained: {trainable}")
     elif model_cfg.get("preset"):
-        lines.append(f"- preset `{model_cfg['preset']}`")
+        lines.append(f"- preset `{model_cfg['preset']}`" + (", started as a low-pass autoencoder (`model.init=lowpass`)"
+                                                             if model_cfg.get("init") == "lowpass" else ""))
     lines += architecture_lines(model)
     if recipe:
         data_name = public_name(data.get("path")) or f"the {SAMPLE_PHOTOS_NAME}"

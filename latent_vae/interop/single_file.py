@@ -35,7 +35,7 @@ from safetensors.torch import save_file
 from ..errors import ConfigError, ConversionError, UnreadableWeights
 from ..models.checks import build_on_meta, check_config, parse_json_config, read_json_config
 from ..models.loading import SUPPORTED
-from ..models.stock import Autoencoder, is_vq
+from ..models.stock import Autoencoder, is_tiny, is_vq
 from ..runtime import atomic_write
 from ..weights import read_weights
 
@@ -152,6 +152,10 @@ def export_single_file(model: Autoencoder, path: str | Path, dtype: Optional[tor
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ConfigError(f"{path}: the output must be a .safetensors file")
+    if is_tiny(model):
+        raise ConfigError("the single-file (latent-diffusion) layout holds an AutoencoderKL or VQModel; an "
+                          "AutoencoderTiny has none: share its folder (AutoencoderTiny.from_pretrained; "
+                          "--push-to-hub without --output uploads it)")
     state = to_original_state_dict(model)
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}

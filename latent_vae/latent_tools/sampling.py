@@ -37,6 +37,7 @@ from ..models.stock import (
     downsample_factor,
     from_diffusion_latents,
     indices_to_latents,
+    is_tiny,
     is_vq,
     latent_channels,
 )
@@ -50,6 +51,9 @@ def prior_latents(model: Autoencoder, count: int, size: Tuple[int, int], distrib
                   generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """``count`` model latents of spatial ``size`` (h, w) from the prior (module docstring), on the CPU."""
     height, width = size
+    if is_tiny(model):
+        raise ConfigError(f"--distribution {distribution} needs a KL model; an AutoencoderTiny has no prior "
+                          "over its latents: use --distribution fitted (a Gaussian fitted to the latents of images)")
     if is_vq(model):
         if distribution != "prior":
             raise ConfigError(f"--distribution {distribution} needs a KL model; a VQModel has no Gaussian "

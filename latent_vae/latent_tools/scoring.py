@@ -26,11 +26,11 @@ import numpy as np
 import torch
 
 from ..data.sources import Failure, ImageSource
-from ..errors import ConfigError, PerceptualWeightsUnavailable, check_choice, check_positive
+from ..errors import ConfigError, PerceptualWeightsUnavailable, check_choice, check_positive, with_article
 from ..evaluate.evaluation import reconstruct_batch
 from ..evaluate.metrics import to_unit_range
 from ..losses.perceptual import build_lpips
-from ..models.stock import Autoencoder, is_vq
+from ..models.stock import Autoencoder, is_tiny, is_vq
 from .common import check_resolution, iter_batches, write_csv, write_failures
 
 SCORES = ("mse", "l1", "lpips", "kl")
@@ -148,9 +148,9 @@ def write_scores(model: Autoencoder, source: ImageSource, output_dir: str | Path
     ``reference_scores.csv``, ``summary.json`` and ``unreadable.csv`` / ``reference_unreadable.csv``
     (the ``known_failures`` — e.g. from ``open_inputs`` — and inputs that failed to decode)."""
     check_choice("--score", score, SCORES)
-    if score == "kl" and is_vq(model):
-        raise ConfigError("--score kl needs a KL model (AutoencoderKL); a VQModel has no posterior: "
-                          "use mse, l1 or lpips")
+    if score == "kl" and (is_vq(model) or is_tiny(model)):
+        raise ConfigError(f"--score kl needs a KL model (AutoencoderKL); {with_article(type(model).__name__)} has no "
+                          "posterior: use mse, l1 or lpips")
     if score == "lpips" and lpips_net is None:
         raise ConfigError(f"--score lpips needs LPIPS ({lpips_note or 'not loaded'}); pass --lpips-weights "
                           "or choose --score mse")

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Dict
 
 import torch
+from torch import nn
 
 
 def reduce_elements(values: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -20,3 +21,11 @@ class RegularizerOutput:
     latents: torch.Tensor
     loss: torch.Tensor
     logs: Dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class NoRegularizer(nn.Module):
+    """``regularizer.kind=none`` (an AutoencoderTiny): its deterministic latents go to the decoder as they
+    are, and nothing is added to the loss."""
+
+    def forward(self, latents: torch.Tensor, step: int = 0) -> RegularizerOutput:
+        return RegularizerOutput(latents, torch.zeros((), device=latents.device))

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..config import Config
 from ..distributed import all_reduce_mean_
-from ..models.stock import Autoencoder, is_vq, latent_channels
+from ..models.stock import Autoencoder, encoder_output_weight, is_vq, latent_channels
 from .base import reduce_elements
 from .equivariance import EQVAERegularizer, reduced_reconstruction, scale_equivariance_loss
 from .vf import VFAlignment, VisionBackbone, load_vision_backbone
@@ -72,11 +72,11 @@ class DiffusabilityRegularizer(nn.Module):
         if self.vf is not None:
             loss, values = self.vf(images, latents)
             weight = torch.full((), self.vf.cfg.weight, device=loss.device)
-            if self.vf.cfg.adaptive_weight and vae.encoder.conv_out.weight.requires_grad:
+            encoder_weight = encoder_output_weight(vae)
+            if self.vf.cfg.adaptive_weight and encoder_weight.requires_grad:
                 rec = reconstruction_terms(images, reconstructions)[0]
                 nll = reduce_elements(rec / torch.exp(logvar.float()) + logvar.float(), self.reduction)
-                weight = weight * adaptive_weight(nll, loss, vae.encoder.conv_out.weight,
-                                                  self.vf.cfg.adaptive_weight_max)
+                weight = weight * adaptive_weight(nll, loss, encoder_weight, self.vf.cfg.adaptive_weight_max)
             total = total + weight * loss
             logs.update(values, vf_loss=loss.detach(), vf_weight=weight)
         return total, logs

@@ -12,11 +12,13 @@ from ..config import ModelConfig
 from ..errors import ConfigError
 from ..presets import check_preset
 from .checks import build_on_meta, check_config, check_weights_match, read_json_config, read_safetensors_header
+from .init import lowpass_init
 from .stock import Autoencoder
 
 
 def build_autoencoder(cfg: ModelConfig) -> Autoencoder:
-    """The diffusers model a run trains: a preset, or an existing VAE (``model.pretrained``)."""
+    """The diffusers model a run trains: a preset (initialised as ``model.init`` says), or an existing VAE
+    (``model.pretrained``)."""
     if cfg.pretrained:
         if cfg.config:
             raise ConfigError(
@@ -36,9 +38,10 @@ def build_autoencoder(cfg: ModelConfig) -> Autoencoder:
     preset = check_preset(cfg.preset)
     kwargs = {**preset.kwargs, **cfg.config}
     try:
-        return preset.cls(**kwargs)
+        model = preset.cls(**kwargs)
     except TypeError as err:
         raise ConfigError(f"model.config does not fit {preset.cls.__name__}: {err}") from None
+    return lowpass_init(model) if cfg.init == "lowpass" else model
 
 
 SUPPORTED = {"AutoencoderKL": AutoencoderKL, "VQModel": VQModel, "AutoencoderTiny": AutoencoderTiny}

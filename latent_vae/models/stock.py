@@ -15,9 +15,10 @@ with these functions, so "the latents" always means the same tensor:
 - token ids (``latents_to_indices`` ...) and the pipeline scaling (``to_diffusion_latents``).
 - ``reconstruct``: decode(encode(x)) exactly as stock diffusers computes it.
 
-An ``AutoencoderTiny`` (TAESD, a distilled student) has a deterministic encoder whose output already
-*is* a teacher pipeline's scaled latents (its own ``scaling_factor`` is 1, ``shift_factor`` 0): its
-encoder output, encoder, decoder and training latents are all that one tensor.
+An ``AutoencoderTiny`` (TAESD's design) has a deterministic encoder: its encoder output, encoder,
+decoder and training latents are all that one tensor. A distilled student's latents already *are* a
+teacher pipeline's scaled latents (its own ``scaling_factor`` is 1, ``shift_factor`` 0); one trained
+from scratch (``regularizer.kind=none``) gets its ``scaling_factor`` from data, as a KL model does.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def is_vq(model: Autoencoder) -> bool:
 
 
 def is_tiny(model: Autoencoder) -> bool:
-    """An ``AutoencoderTiny``: deterministic, its latents are the scaled latents of the pipeline it serves."""
+    """An ``AutoencoderTiny``: deterministic latents, no posterior, no codebook."""
     return isinstance(model, AutoencoderTiny)
 
 
@@ -48,6 +49,16 @@ def latent_channels(model: Autoencoder) -> int:
     if is_vq(model):
         return model.config.vq_embed_dim or model.config.latent_channels
     return model.config.latent_channels
+
+
+def decoder_output_weight(model: Autoencoder) -> torch.Tensor:
+    """The decoder's last convolution's weight: where the adaptive GAN weight is measured."""
+    return model.decoder.layers[-1].weight if is_tiny(model) else model.decoder.conv_out.weight
+
+
+def encoder_output_weight(model: Autoencoder) -> torch.Tensor:
+    """The encoder's last convolution's weight: where the adaptive VF-loss weight is measured."""
+    return model.encoder.layers[-1].weight if is_tiny(model) else model.encoder.conv_out.weight
 
 
 def count_parameters(model) -> int:

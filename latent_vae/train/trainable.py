@@ -1,4 +1,5 @@
-"""The module the trainer optimises: a stock diffusers autoencoder plus its regulariser.
+"""The module the trainer optimises: a stock diffusers autoencoder (AutoencoderKL, VQModel or AutoencoderTiny)
+plus its regulariser.
 
 ``TrainableAutoencoder`` is what gets wrapped in DDP, so every training forward pass goes
 through the prepared module. It holds everything the autoencoder optimiser updates: the
@@ -15,9 +16,10 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
+from ..errors import ConfigError
 from ..losses.base import RegularizerOutput
 from ..models.loading import build_autoencoder
-from ..models.stock import Autoencoder, encoder_latents, is_vq, posterior
+from ..models.stock import Autoencoder, decoder_output_weight, encoder_latents, is_tiny, is_vq, posterior
 from ..seeding import seeded_normal
 
 
@@ -29,7 +31,13 @@ def build_trainable_vae(cfg: ModelConfig) -> Autoencoder:
         # so diffusion models trained on this VAE's latents stay valid.
         vae.requires_grad_(False)
         vae.decoder.requires_grad_(True)
-        vae.post_quant_conv.requires_grad_(True)
+        if not is_tiny(vae):  # AutoencoderTiny has no post-quantisation convolution
+            vae.post_quant_conv.requires_grad_(True)
+    if cfg.gradient_checkpointing and is_tiny(vae):
+        # diffusers' EncoderTiny skips its [-1, 1] -> [0, 1] input scaling on the checkpointed path: the
+        # model would train on other inputs than it is used with.
+        raise ConfigError("model.gradient_checkpointing is not supported for AutoencoderTiny (diffusers' "
+                          "checkpointed encoder skips its input scaling); set model.gradient_checkpointing=false")
     if cfg.gradient_checkpointing:
         # diffusers flags VQModel as unsupported, but its Encoder/Decoder are AutoencoderKL's,
         # which checkpoint correctly (tested); the flag is per instance and is not exported.
@@ -57,10 +65,13 @@ class TrainableAutoencoder(nn.Module):
     @property
     def last_layer(self) -> torch.Tensor:
         """The decoder's output convolution: where the adaptive GAN weight is measured."""
-        return self.vae.decoder.conv_out.weight
+        return decoder_output_weight(self.vae)
 
     def forward(self, images: torch.Tensor, seeds: Optional[List[int]] = None, step: int = 0) -> AutoencoderOutput:
-        if is_vq(self.vae):
+        if is_tiny(self.vae):  # deterministic latents, decoded as they are
+            regularized = self.regularizer(self.vae.encode(images).latents, step)
+            decoded = self.vae.decode(regularized.latents).sample
+        elif is_vq(self.vae):
             # The regulariser quantises (and maintains the codebook); decode must not quantise again.
             regularized = self.regularizer(encoder_latents(self.vae, images), step)
             decoded = self.vae.decode(regularized.latents, force_not_quantize=True).sample
