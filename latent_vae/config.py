@@ -62,6 +62,9 @@ class ModelConfig:
             check_choice("model.pretrained_class", self.pretrained_class, ("AutoencoderKL", "VQModel"))
         if not self.pretrained:
             check_preset(self.preset)
+        elif self.init != "default":
+            raise ConfigError(f"model.init={self.init} initialises a preset trained from scratch; model.pretrained="
+                              f"{self.pretrained} starts from its own weights: set model.init=default")
 
 
 @dataclass
@@ -434,9 +437,6 @@ class Config:
 
     def __post_init__(self) -> None:
         model = self.model
-        if model.pretrained and model.init != "default":
-            raise ConfigError(f"model.init={model.init} initialises a preset trained from scratch; model.pretrained="
-                              f"{model.pretrained} starts from its own weights: set model.init=default")
         if not model.pretrained:  # a pretrained model's class is checked when it is loaded
             kind = preset_kind(model.preset)
             wrong = {}  # key: (its value, the value this preset needs)

@@ -138,6 +138,7 @@ def class_kind(cls: type) -> str:
 
 
 def preset_kind(name: str) -> str:
+    """``kl``, ``vq`` or ``none``: the regulariser preset ``name`` trains with."""
     return class_kind(check_preset(name).cls)
 
 

@@ -115,6 +115,13 @@ def test_settings_a_tiny_model_cannot_use_are_refused():
         build_trainable_vae(ModelConfig(preset="tiny-taesd-f4", gradient_checkpointing=True))
     with pytest.raises(ConfigError, match="is an AutoencoderTiny .* set regularizer.kind=none"):
         load_config(None, ["model.preset=tiny-taesd-f4"])
+    for config, message in (({"encoder_block_out_channels": [16, 32, 32]}, "needs one width for all levels"),
+                            ({"decoder_block_out_channels": [32, 32], "num_decoder_blocks": [2, 1]},
+                             "the encoder downsamples by 4 and the decoder upsamples by 2"),
+                            ({"act_fn": "silu"}, "model.init=lowpass needs act_fn relu"),
+                            ({"upsample_fn": "bilinear"}, "upsample_fn nearest")):
+        with pytest.raises(ConfigError, match=message):  # diffusers would build each, and fail or mislead later
+            build_autoencoder(ModelConfig(preset="tiny-taesd-f4", init="lowpass", config=config))
 
 
 def test_decoder_only_training_of_a_tiny_model_keeps_its_latents(tmp_path):
@@ -164,7 +171,11 @@ def test_the_tools_take_a_tiny_model_or_refuse_in_one_line(tiny_run, photo_folde
                              (["sample", "--model", str(model_dir), "--count", "2", "--resolution", "32",
                                "--output-dir", str(tmp_path / "s")], "use --distribution fitted"),
                              (["encode", "--model", str(model_dir), "--data", str(photo_folder), "--latent", "sample",
-                               "--resolution", "32", "--output-dir", str(tmp_path / "l2")], "use --latent mean")):
+                               "--resolution", "32", "--output-dir", str(tmp_path / "l2")], "use --latent mean"),
+                             (["encode", "--model", str(model_dir), "--data", str(photo_folder), "--tiled",
+                               "--resolution", "32", "--output-dir", str(tmp_path / "l3")], "drop --tiled"),
+                             (["score", "--model", str(model_dir), str(photo_folder), "--score", "kl", "--threshold",
+                               "1", "--resolution", "32", "--output-dir", str(tmp_path / "sc")], "has no posterior")):
         assert main(command) == 2, command
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1

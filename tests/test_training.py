@@ -193,7 +193,7 @@ def test_no_gradient_leaks_between_the_two_optimisers(tmp_path, monkeypatch):
 
 
 def test_decoder_only_finetune_freezes_the_latent_space_and_improves_reconstructions(kl_run, tmp_path):
-    """Start from the trained quickstart model with a fresh (random) decoder: fine-tuning the
+    """Start from the trained KL model with a fresh (random) decoder: fine-tuning the
     decoder alone recovers the reconstructions, and the encoder — the latent space — never moves."""
     out, _ = kl_run
     start = load_autoencoder(str(out / "model"))

@@ -82,7 +82,7 @@ def _subcommands():
 def build_parser() -> argparse.ArgumentParser:
     parser = SuggestingParser(
         prog="latent-vae",
-        description="Train KL and VQ image tokenizers for latent diffusion and use them as stock "
+        description="Train KL, VQ and tiny (TAESD-style) image tokenizers for latent diffusion and use them as stock "
                     "diffusers AutoencoderKL / VQModel. Run `latent-vae <command> --help` for details.",
         epilog="Multi-GPU: accelerate launch -m latent_vae <command> ...",
     )

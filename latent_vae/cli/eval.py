@@ -12,7 +12,7 @@ from ._args import check_output_files
 
 HELP = "reconstruction metrics on images: PSNR, SSIM, LPIPS, rFID, codebook usage, active latent units"
 DESCRIPTION = """\
-Evaluate a diffusers AutoencoderKL, VQModel or (distilled) AutoencoderTiny on a folder or dataset of images.
+Evaluate a diffusers AutoencoderKL, VQModel or AutoencoderTiny on a folder or dataset of images.
 
 Every image is resized (shorter side) to --resolution and centre-cropped, encoded, decoded
 (posterior mean; --sample decodes a seeded posterior sample) and scored:

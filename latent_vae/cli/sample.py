@@ -28,7 +28,7 @@ Writes to --output-dir: samples_grid.png, samples/00000.png ..., fitted_gaussian
 (fitted only), unreadable.csv (fitting images that could not be read; only if any).
 
 examples:
-  latent-vae sample --model runs/quickstart/model --count 16 --output-dir samples
+  latent-vae sample --model runs/kl-f8/model --count 16 --output-dir samples
   latent-vae sample --model runs/kl-f8/model --distribution scaled-prior --resolution 256 --output-dir samples
   latent-vae sample --model runs/kl-f8/model photos/ --covariance full --count 64 --seed 1 --output-dir samples
 """

@@ -28,6 +28,7 @@ from torch import nn
 from ..config import DistillConfig, ReconstructionConfig
 from ..errors import ConfigError
 from ..losses.base import RegularizerOutput, reduce_elements
+from ..models.checks import check_tiny_levels
 from ..models.loading import load_autoencoder
 from ..models.stock import (
     count_parameters,
@@ -119,21 +120,14 @@ def build_student(cfg: DistillConfig, teacher: Teacher) -> AutoencoderTiny:
     if kwargs["latent_channels"] != latent_channels(teacher.vae):
         raise ConfigError(f"distill.student_config.latent_channels={kwargs['latent_channels']} differs from the "
                           f"teacher's {latent_channels(teacher.vae)} latent channels; remove it")
-    for part in ("encoder", "decoder"):
-        widths = list(kwargs.get(f"{part}_block_out_channels", ()))
-        if len(set(widths)) > 1:
-            raise ConfigError(f"distill.student_config.{part}_block_out_channels={widths}: AutoencoderTiny needs one "
-                              f"width for all levels (e.g. {[widths[0]] * len(widths)})")
     try:
         student = AutoencoderTiny(**kwargs)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"distill.student_config does not fit AutoencoderTiny: {err}") from None
-    factor = kwargs.get("upsampling_scaling_factor", 2) ** (len(kwargs["decoder_block_out_channels"]) - 1)
-    encoder_factor = 2 ** (len(kwargs["encoder_block_out_channels"]) - 1)
-    if factor != downsample_factor(teacher.vae) or encoder_factor != factor:
-        raise ConfigError(f"the student's encoder downsamples by {encoder_factor} and its decoder upsamples by "
-                          f"{factor}, the teacher by {downsample_factor(teacher.vae)}: give the student "
-                          f"{len(teacher.vae.config.block_out_channels)} levels (distill.student_config)")
+    factor = check_tiny_levels(student.config, "distill.student_config")
+    if factor != downsample_factor(teacher.vae):
+        raise ConfigError(f"the student downsamples by {factor}, the teacher by {downsample_factor(teacher.vae)}: "
+                          f"give the student {len(teacher.vae.config.block_out_channels)} levels (distill.student_config)")
     return student
 
 

@@ -61,7 +61,7 @@ def reconstruct_batch(model: Autoencoder, images: torch.Tensor, indices: Sequenc
     if is_vq(model):
         latents = encoder_latents(model, images)
         return model.decode(latents).sample, {"codes": latents_to_indices(model, latents).flatten()}
-    if is_tiny(model):  # a distilled AutoencoderTiny: deterministic latents, no posterior, no codebook
+    if is_tiny(model):  # an AutoencoderTiny: deterministic latents, no posterior, no codebook
         return model.decode(encoder_latents(model, images)).sample, {}
     distribution = posterior(model, images)
     latents = distribution.mode()

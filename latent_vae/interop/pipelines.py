@@ -87,10 +87,11 @@ def swap_vae(pipeline, vae: Autoencoder, probe_images: Optional[torch.Tensor] = 
     vae.to(old.device).eval()
     if vae.dtype != old.dtype:
         vae.to(dtype=old.dtype)
-    # An AutoencoderTiny's latents are the pipeline's scaled latents (its own scaling is the identity): its
-    # convention is measured by the drift check below, not read from scaling keys.
-    changes = {} if is_tiny(vae) or is_tiny(old) else {k: (old.config.get(k), vae.config.get(k)) for k in SCALING_KEYS
-                                                       if old.config.get(k) != vae.config.get(k)}
+    # A distilled AutoencoderTiny's latents are the pipeline's scaled latents (its own scaling is the identity):
+    # its convention is measured by the drift check below, not read from scaling keys. One trained from
+    # scratch has its own scaling_factor, compared like any other model's.
+    changes = {} if _identity_scaled_tiny(vae) or _identity_scaled_tiny(old) else {
+        k: (old.config.get(k), vae.config.get(k)) for k in SCALING_KEYS if old.config.get(k) != vae.config.get(k)}
     report["scaling_changes"] = changes
     if changes:
         warnings.warn("latent scaling differs from the pipeline's original autoencoder: "
@@ -108,3 +109,7 @@ def swap_vae(pipeline, vae: Autoencoder, probe_images: Optional[torch.Tensor] = 
                 "keeps the latents)", LatentDriftWarning, stacklevel=2)
     pipeline.register_modules(**{name: vae})
     return report
+
+
+def _identity_scaled_tiny(model: Autoencoder) -> bool:
+    return is_tiny(model) and model.config.scaling_factor == 1.0 and not model.config.get("shift_factor")

@@ -5,7 +5,7 @@ Generator (autoencoder) loss, per pixel then reduced (``reconstruction.reduction
     rec  = w_pix · |x − x̂|  (or squared)  +  w_p · LPIPS(x, x̂)    # LPIPS per image, broadcast to every pixel
     nll  = rec / exp(s) + s                                      # s: log-variance, 0 unless learned
     L_G  = reduce(nll) + regulariser + λ · [step ≥ gan.start] · g(D(x̂))
-    λ    = gan.weight · clamp(‖∇_W reduce(nll)‖ / (‖∇_W g‖ + 1e-4), 0, max),  W = decoder.conv_out.weight
+    λ    = gan.weight · clamp(‖∇_W reduce(nll)‖ / (‖∇_W g‖ + 1e-4), 0, max),  W = the decoder's last conv
            (λ is a constant for the update: no gradient flows through it)
 
 Discriminator loss on *detached* reconstructions: hinge or vanilla, plus optional LeCam.

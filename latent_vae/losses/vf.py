@@ -8,7 +8,7 @@ input resized to ``image_size``; a learned 1×1 convolution without bias project
     L_mcos  = mean_{b,i} relu(1 − m_cos − cos(z'_bi, f_bi))                  (marginal cosine)
     L_mdms  = mean_{b,i,j} relu(|cos(z'_bi, z'_bj) − cos(f_bi, f_bj)| − m_dist)  (marginal distance matrix)
     L_vf    = w_cos · L_mcos + w_dist · L_mdms
-    λ_vf    = weight · clamp(‖∇_W L_nll‖ / (‖∇_W L_vf‖ + 1e-4), 0, max),  W = encoder.conv_out.weight
+    λ_vf    = weight · clamp(‖∇_W L_nll‖ / (‖∇_W L_vf‖ + 1e-4), 0, max),  W = the encoder's last conv
 
 (λ constant for the update, as the GAN's adaptive weight; ``adaptive_weight=false`` uses ``weight``
 alone). Margins 0.5 / 0.25, weight 0.1 and max 1e8 are the published f16d32 settings. When the

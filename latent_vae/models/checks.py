@@ -16,7 +16,7 @@ from typing import Any, Dict, Mapping
 
 import torch
 
-from ..errors import InvalidModel
+from ..errors import ConfigError, InvalidModel
 from .stock import Autoencoder
 
 # A safetensors header is JSON of a few hundred bytes per tensor; more than this is damage or malice.
@@ -148,3 +148,20 @@ def check_weights_match(model: Autoencoder, header: Mapping[str, Mapping[str, An
                        f"{list(tensor.shape)} by the config")
     if not shared:
         raise _bad(source, "the weights hold none of the tensors its config describes")
+
+
+def check_tiny_levels(config: Mapping[str, Any], key: str) -> int:
+    """An ``AutoencoderTiny`` config built from ``key`` (the config section, for the message) that diffusers
+    would build but not run, or run at another factor than it reports: one width per half, and an encoder
+    that downsamples as much as the decoder upsamples. Returns that factor."""
+    for part in ("encoder", "decoder"):
+        widths = list(config[f"{part}_block_out_channels"])
+        if len(set(widths)) > 1:
+            raise ConfigError(f"{key}.{part}_block_out_channels={widths}: AutoencoderTiny needs one width for all "
+                              f"levels (e.g. {[widths[0]] * len(widths)})")
+    encoder = 2 ** (len(config["encoder_block_out_channels"]) - 1)
+    decoder = config["upsampling_scaling_factor"] ** (len(config["decoder_block_out_channels"]) - 1)
+    if encoder != decoder:
+        raise ConfigError(f"{key}: the encoder downsamples by {encoder} and the decoder upsamples by {decoder}; "
+                          "give both halves the same number of levels (and upsampling_scaling_factor 2)")
+    return encoder

@@ -11,7 +11,7 @@ The path through TAESD's layers: the encoder's first convolution copies R, G, B 
 [0, 1], so ReLU keeps them); every residual block's last convolution writes nothing into those
 channels, so the block passes them through (``ReLU(0 + x) = x``); each stride-2 convolution averages
 2 × 2 pixels; the encoder's last convolution writes colour × ``LATENT_GAIN`` into latent channels 0–2
-(small enough for the decoder's ``3 · tanh(z / 3)`` clamp to leave them within 0.6 %); the decoder's
+(small enough for the decoder's ``3 · tanh(z / 3)`` clamp to leave them within 1 %); the decoder's
 first convolution undoes the gain, its upsampling repeats the cell, the following convolutions and
 its output convolution copy the channels.
 """
@@ -52,6 +52,10 @@ def lowpass_init(model: AutoencoderTiny) -> AutoencoderTiny:
     if not isinstance(model, AutoencoderTiny):
         raise ConfigError(f"model.init=lowpass is for AutoencoderTiny presets, not {type(model).__name__}")
     narrowest = min(*config.encoder_block_out_channels, *config.decoder_block_out_channels, config.latent_channels)
+    if config.act_fn != "relu" or config.upsample_fn != "nearest":
+        # The path relies on ReLU passing the (non-negative) colour unchanged and on upsampling repeating a cell.
+        raise ConfigError(f"model.init=lowpass needs act_fn relu and upsample_fn nearest (this model: {config.act_fn}, "
+                          f"{config.upsample_fn}); use model.init=default")
     if config.in_channels != COLOUR or config.out_channels != COLOUR or narrowest < COLOUR:
         raise ConfigError("model.init=lowpass needs RGB in and out and at least 3 channels in every layer and the "
                           f"latent (this model: {config.in_channels} in, {config.out_channels} out, narrowest "

@@ -11,9 +11,16 @@ from diffusers import AutoencoderKL, AutoencoderTiny, VQModel
 from ..config import ModelConfig
 from ..errors import ConfigError
 from ..presets import check_preset
-from .checks import build_on_meta, check_config, check_weights_match, read_json_config, read_safetensors_header
+from .checks import (
+    build_on_meta,
+    check_config,
+    check_tiny_levels,
+    check_weights_match,
+    read_json_config,
+    read_safetensors_header,
+)
 from .init import lowpass_init
-from .stock import Autoencoder
+from .stock import Autoencoder, is_tiny
 
 
 def build_autoencoder(cfg: ModelConfig) -> Autoencoder:
@@ -41,6 +48,8 @@ def build_autoencoder(cfg: ModelConfig) -> Autoencoder:
         model = preset.cls(**kwargs)
     except TypeError as err:
         raise ConfigError(f"model.config does not fit {preset.cls.__name__}: {err}") from None
+    if is_tiny(model):
+        check_tiny_levels(model.config, "model.config")
     return lowpass_init(model) if cfg.init == "lowpass" else model
 
 

@@ -42,7 +42,9 @@ def is_tiny(model: Autoencoder) -> bool:
 
 
 def downsample_factor(model: Autoencoder) -> int:
-    return 2 ** (len(model.config.block_out_channels) - 1)
+    """The encoder's downsampling (an AutoencoderTiny's decoder upsamples as much: ``checks.check_tiny_levels``)."""
+    widths = model.config.encoder_block_out_channels if is_tiny(model) else model.config.block_out_channels
+    return 2 ** (len(widths) - 1)
 
 
 def latent_channels(model: Autoencoder) -> int:

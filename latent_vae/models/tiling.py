@@ -6,7 +6,7 @@ import contextlib
 from typing import Iterator, Optional
 
 from ..errors import ConfigError
-from .stock import Autoencoder, downsample_factor, is_vq
+from .stock import Autoencoder, downsample_factor, is_tiny, is_vq
 
 DEFAULT_TILE_SIZE = 512  # diffusers' tile for the SD VAE; the config's sample_size is often a placeholder
 
@@ -17,6 +17,9 @@ def configure_tiling(model: Autoencoder, tile_size: Optional[int], overlap: floa
     are processed whole."""
     if is_vq(model):
         raise ConfigError("diffusers' VQModel has no tiled encode/decode; drop --tiled")
+    if is_tiny(model):  # diffusers sizes its tiles for f8 (2 ** out_channels): an f4 model fails mid-way
+        raise ConfigError("--tiled is for AutoencoderKL; diffusers' AutoencoderTiny tiling assumes an f8 model: "
+                          "drop --tiled")
     factor = downsample_factor(model)
     size = tile_size or DEFAULT_TILE_SIZE
     if size % factor:
