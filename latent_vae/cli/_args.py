@@ -46,7 +46,8 @@ def add_common_arguments(parser: argparse.ArgumentParser, images_help: str, imag
                         help=images_help + " (image folders, searched recursively, image files, "
                         "or saved datasets; in the order given)")
     parser.add_argument("--model", required=True,
-                        help="diffusers AutoencoderKL / VQModel / AutoencoderTiny folder (e.g. runs/quickstart/model) or hub id")
+                        help="diffusers AutoencoderKL / VQModel / AutoencoderTiny folder (e.g. runs/quickstart/model) "
+                             "or hub id")
     parser.add_argument("--subfolder", help="model subfolder, e.g. vae for a full pipeline repository")
     parser.add_argument("--resolution", type=positive_int, default=resolution,
                         help=f"images are resized (shorter side) and centre-cropped to this square size "

@@ -127,7 +127,8 @@ def build_student(cfg: DistillConfig, teacher: Teacher) -> AutoencoderTiny:
     factor = check_tiny_levels(student.config, "distill.student_config")
     if factor != downsample_factor(teacher.vae):
         raise ConfigError(f"the student downsamples by {factor}, the teacher by {downsample_factor(teacher.vae)}: "
-                          f"give the student {len(teacher.vae.config.block_out_channels)} levels (distill.student_config)")
+                          f"give the student {len(teacher.vae.config.block_out_channels)} levels "
+                          "(distill.student_config)")
     return student
 
 
