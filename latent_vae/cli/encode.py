@@ -37,7 +37,7 @@ SDXL training script reads. See docs/ENCODING.md.
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     what = parser.add_argument_group("what to encode")
-    what.add_argument("--model", required=True, 
+    what.add_argument("--model", required=True,
                       help="diffusers model folder or hub id (AutoencoderKL, VQModel or AutoencoderTiny)")
     what.add_argument("--subfolder", help="model subfolder, e.g. vae for a full pipeline repository")
     what.add_argument("--data", help="image folder (recursive), save_to_disk dataset, or hub dataset name "
