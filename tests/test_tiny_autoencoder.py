@@ -84,6 +84,7 @@ def test_exported_tiny_model_loads_in_plain_diffusers_with_identical_outputs(tin
     torch.save(images, tmp_path / "images.pt")
     result = run_python(STOCK_TINY, str(out / "model"), str(tmp_path / "images.pt"), str(tmp_path / "stock.pt"))
     assert result.returncode == 0, result.stderr
+    assert "not expected" not in result.stderr  # no config key stock diffusers would warn about
 
     vae = build_autoencoder(ModelConfig(preset="tiny-taesd-f4")).eval()
     ema = load_tensors(list_checkpoints(out / "checkpoints")[-1] / "ema.safetensors")

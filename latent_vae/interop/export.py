@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -74,6 +75,13 @@ def save_diffusers_model(model: Autoencoder, folder: str | Path) -> Path:
     staging = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging, safe_serialization=True)
+    if is_tiny(model):
+        # AutoencoderTiny registers block_out_channels itself (for pipelines' vae_scale_factor) but does not
+        # take it: saved, every stock load warns it "will be ignored". Loading registers it again.
+        config_path = staging / "config.json"
+        config = json.loads(config_path.read_text())
+        config.pop("block_out_channels", None)
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return replace_dir(staging, folder)
 
 
