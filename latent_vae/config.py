@@ -50,7 +50,7 @@ class ModelConfig:
     trainable: str = "all"
     gradient_checkpointing: bool = False
     # lowpass (AutoencoderTiny presets): start as "average each latent cell's pixels, repeat them back",
-    # colours exact from step 0 (``models.init``); default: the class's own random initialisation.
+    # every cell's colour within 1 % from step 0 (``models.init``); default: the class's own random initialisation.
     init: str = "default"
     # A recipe made for one class of model (the SD decoder fine-tunes: AutoencoderKL) refuses another.
     pretrained_class: Optional[str] = None
